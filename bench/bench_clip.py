@@ -1,0 +1,91 @@
+"""Weight clipping and RMSprop+clip: the eager loops users write vs wgan_kernels.
+
+Cases (parameters of the design card's benchmark models, float32):
+  clip_:          `p.clamp_` loop | torch._foreach_clamp_min_/max_ | wgan_kernels.clip_ | copy floor
+  ClippedRMSprop: RMSprop(foreach=True) + foreach clamp | wgan_kernels.ClippedRMSprop | copy floor
+The copy floor is one `dst.copy_(src)` over a flat buffer of the same number of values.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, QUICK, record
+
+import wgan_kernels as wk
+from wgan_kernels.models import BENCH_MODELS, with_random_grads
+
+C = 0.01
+
+
+def tensors50():
+    return torch.nn.ParameterList([torch.nn.Parameter(torch.randn(64, 64)) for _ in range(50)])
+
+
+CASES = {"50x64x64": tensors50, **BENCH_MODELS}
+if QUICK:
+    CASES.pop("wide100m")
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    torch.manual_seed(0)
+    module = with_random_grads(CASES[request.param]().to(DEVICE))
+    params = list(module.parameters())
+    yield request.param, params
+    del module, params
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def numel(params):
+    return sum(p.numel() for p in params)
+
+
+@pytest.mark.parametrize("impl", ["loop", "foreach", "wgan_kernels", "copy"])
+def test_clip(benchmark, case, impl):
+    name, params = case
+    n = numel(params)
+    if impl == "loop":
+        def fn():
+            for p in params:
+                p.data.clamp_(-C, C)
+    elif impl == "foreach":
+        def fn():
+            with torch.no_grad():
+                torch._foreach_clamp_min_(params, -C)
+                torch._foreach_clamp_max_(params, C)
+    elif impl == "wgan_kernels":
+        def fn():
+            wk.clip_(params, C)
+    else:
+        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
+
+        def fn():
+            dst.copy_(src)
+    record(benchmark, suite="clip_", case=name, impl=impl, fn=fn, numel=n, tensors=len(params),
+           bytes=2 * 4 * n)
+
+
+@pytest.mark.parametrize("impl", ["eager", "wgan_kernels", "copy"])
+def test_rmsprop_clip(benchmark, case, impl):
+    name, params = case
+    n = numel(params)
+    # Small lr: parameters stay in range, the work per step is the same every round.
+    if impl == "eager":
+        opt = torch.optim.RMSprop(params, lr=1e-9, foreach=True)
+
+        def fn():
+            opt.step()
+            with torch.no_grad():
+                torch._foreach_clamp_min_(params, -C)
+                torch._foreach_clamp_max_(params, C)
+    elif impl == "wgan_kernels":
+        opt = wk.ClippedRMSprop(params, lr=1e-9, clip_value=C)
+        fn = opt.step
+    else:
+        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
+
+        def fn():
+            dst.copy_(src)
+    # bytes of the fused pass: read p, g, square_avg; write p, square_avg
+    record(benchmark, suite="ClippedRMSprop", case=name, impl=impl, fn=fn, numel=n, tensors=len(params),
+           bytes=(5 if impl != "copy" else 2) * 4 * n)

@@ -1,0 +1,207 @@
+// The one op registration file of wgan_kernels._C: argument checks, grouping by (device, dtype),
+// and calls into the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, which see raw pointers only.
+#include <torch/extension.h>
+
+#ifdef WGAN_KERNELS_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "wk_kernels.h"
+
+namespace {
+
+wk::DType kernel_dtype(const at::Tensor& t, const char* arg, size_t index) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return wk::DType::Float32;
+    case at::kDouble: return wk::DType::Float64;
+    case at::kHalf: return wk::DType::Float16;
+    case at::kBFloat16: return wk::DType::BFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, arg, "[", index, "]: expected a floating-point tensor (float32, float64, float16, "
+                        "bfloat16), got ", t.scalar_type());
+  }
+  return wk::DType::Float32;  // unreachable
+}
+
+// In-place writes bypass autograd, as an optimizer step does. A tensor that is part of a graph
+// (requires grad, not a leaf) would silently get wrong gradients: refuse it.
+void check_writable(const at::Tensor& t, const char* arg, size_t index) {
+  TORCH_CHECK_VALUE(t.defined(), arg, "[", index, "]: undefined tensor");
+  TORCH_CHECK_VALUE(!(t.requires_grad() && !t.is_leaf()), arg, "[", index,
+                    "]: an in-place update of a non-leaf tensor that requires grad would corrupt its "
+                    "graph; pass leaf tensors (parameters) or detach first");
+  TORCH_CHECK_VALUE(t.layout() == at::kStrided, arg, "[", index, "]: expected a dense (strided) tensor, got ",
+                    t.layout());
+}
+
+void bump_version(const at::Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// Tensors of one (device, dtype), as kernel spans. A tensor whose memory is not one dense
+// block goes through a contiguous copy that is written back after the kernel.
+struct Group {
+  at::Device device;
+  at::ScalarType dtype;
+  std::vector<std::vector<at::Tensor>> originals;  // [k][i]: the k-th argument of item i
+  std::vector<std::vector<at::Tensor>> work;       // the same, or a contiguous copy
+};
+
+Group& group_for(std::vector<Group>& groups, const at::Tensor& t, size_t arity) {
+  for (auto& g : groups)
+    if (g.device == t.device() && g.dtype == t.scalar_type()) return g;
+  groups.push_back(Group{t.device(), t.scalar_type(), std::vector<std::vector<at::Tensor>>(arity),
+                         std::vector<std::vector<at::Tensor>>(arity)});
+  return groups.back();
+}
+
+// Adds one item (tensors that the kernel walks element by element together) to its group.
+void add_item(std::vector<Group>& groups, const std::vector<at::Tensor>& item) {
+  bool same_layout = item[0].is_non_overlapping_and_dense();
+  for (size_t k = 1; k < item.size(); ++k) same_layout = same_layout && item[k].strides() == item[0].strides();
+  Group& g = group_for(groups, item[0], item.size());
+  for (size_t k = 0; k < item.size(); ++k) {
+    g.originals[k].push_back(item[k]);
+    g.work[k].push_back(same_layout ? item[k] : item[k].contiguous());
+  }
+}
+
+std::vector<wk::Span> spans_of(const std::vector<at::Tensor>& ts) {
+  std::vector<wk::Span> s;
+  s.reserve(ts.size());
+  for (const auto& t : ts) s.push_back(wk::Span{t.data_ptr(), t.numel()});
+  return s;
+}
+
+void write_back(const Group& g, size_t k) {
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < g.originals[k].size(); ++i)
+    if (!g.work[k][i].is_same(g.originals[k][i])) g.originals[k][i].copy_(g.work[k][i]);
+}
+
+#ifdef WGAN_KERNELS_WITH_CUDA
+void check_cuda(int err, const char* what) {
+  TORCH_CHECK(err == 0, "wgan_kernels: ", what, " CUDA launch failed: ", wk::cuda::error_string(err));
+}
+#endif
+
+template <typename CpuFn, typename CudaFn>
+void run_group(const Group& g, const CpuFn& on_cpu, const CudaFn& on_cuda) {
+  if (g.device.is_cpu()) {
+    on_cpu();
+  } else if (g.device.is_cuda()) {
+#ifdef WGAN_KERNELS_WITH_CUDA
+    c10::cuda::CUDAGuard guard(g.device);
+    on_cuda(static_cast<void*>(c10::cuda::getCurrentCUDAStream(g.device.index()).stream()));
+#else
+    (void)on_cuda;
+    TORCH_CHECK(false, "wgan_kernels._C was built without its CUDA half; rebuild with CUDA to use CUDA tensors");
+#endif
+  } else {
+    TORCH_CHECK_VALUE(false, "wgan_kernels: unsupported device ", g.device);
+  }
+}
+
+void clip_(const std::vector<at::Tensor>& params, double clip_value) {
+  TORCH_CHECK_VALUE(std::isfinite(clip_value) && clip_value > 0, "clip_value: expected a finite number > 0, got ",
+                    clip_value);
+  std::vector<Group> groups;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_writable(params[i], "params", i);
+    kernel_dtype(params[i], "params", i);
+    add_item(groups, {params[i]});
+  }
+  for (const auto& g : groups) {
+    const auto spans = spans_of(g.work[0]);
+    const int n = static_cast<int>(spans.size());
+    const wk::DType dtype = kernel_dtype(g.work[0][0], "params", 0);
+    run_group(
+        g, [&] { wk::cpu::clip_multi(spans.data(), n, dtype, clip_value); },
+        [&](void* stream) {
+#ifdef WGAN_KERNELS_WITH_CUDA
+          check_cuda(wk::cuda::clip_multi(spans.data(), n, dtype, clip_value, stream), "clip_");
+#endif
+          (void)stream;
+        });
+    write_back(g, 0);
+    for (const auto& t : g.originals[0]) bump_version(t);
+  }
+}
+
+void rmsprop_clip_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                   const std::vector<at::Tensor>& square_avgs, const std::vector<at::Tensor>& steps, double lr,
+                   double alpha, double eps, double weight_decay, std::optional<double> clip_value) {
+  const size_t n = params.size();
+  TORCH_CHECK_VALUE(grads.size() == n && square_avgs.size() == n && steps.size() == n,
+                    "params, grads, square_avgs, steps: expected lists of equal length, got ", n, ", ", grads.size(),
+                    ", ", square_avgs.size(), ", ", steps.size());
+  if (clip_value)
+    TORCH_CHECK_VALUE(std::isfinite(*clip_value) && *clip_value > 0, "clip_value: expected a finite number > 0, got ",
+                      *clip_value);
+  std::vector<Group> groups;
+  for (size_t i = 0; i < n; ++i) {
+    check_writable(params[i], "params", i);
+    check_writable(square_avgs[i], "square_avgs", i);
+    kernel_dtype(params[i], "params", i);
+    const at::Tensor& g = grads[i];
+    TORCH_CHECK_VALUE(g.defined() && g.layout() == at::kStrided, "grads[", i, "]: expected a dense gradient");
+    for (const auto* t : {&g, &square_avgs[i]}) {
+      TORCH_CHECK_VALUE(t->scalar_type() == params[i].scalar_type() && t->device() == params[i].device() &&
+                            t->sizes() == params[i].sizes(),
+                        t == &g ? "grads[" : "square_avgs[", i, "]: expected dtype ", params[i].scalar_type(),
+                        ", device ", params[i].device(), " and shape ", params[i].sizes(), " like params[", i,
+                        "], got ", t->scalar_type(), ", ", t->device(), ", ", t->sizes());
+    }
+    add_item(groups, {params[i], grads[i], square_avgs[i]});
+  }
+  wk::RMSpropParams hp{lr, alpha, eps, weight_decay, clip_value.value_or(0.0), clip_value.has_value()};
+  for (const auto& g : groups) {
+    const auto p = spans_of(g.work[0]), gr = spans_of(g.work[1]), s = spans_of(g.work[2]);
+    const int m = static_cast<int>(p.size());
+    const wk::DType dtype = kernel_dtype(g.work[0][0], "params", 0);
+    run_group(
+        g, [&] { wk::cpu::rmsprop_clip_multi(p.data(), gr.data(), s.data(), m, dtype, hp); },
+        [&](void* stream) {
+#ifdef WGAN_KERNELS_WITH_CUDA
+          check_cuda(wk::cuda::rmsprop_clip_multi(p.data(), gr.data(), s.data(), m, dtype, hp, stream),
+                     "rmsprop_clip_");
+#endif
+          (void)stream;
+        });
+    write_back(g, 0);
+    write_back(g, 2);
+    for (const auto& t : g.originals[0]) bump_version(t);
+    for (const auto& t : g.originals[2]) bump_version(t);
+  }
+  // Step counters: torch keeps them as float32 CPU scalars; bump them here, no kernel launch each.
+  for (const auto& st : steps) {
+    if (st.device().is_cpu() && st.scalar_type() == at::kFloat && st.numel() == 1) {
+      *st.data_ptr<float>() += 1.0f;
+      bump_version(st);
+    } else {
+      at::NoGradGuard no_grad;
+      st.add_(1);
+    }
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "wgan_kernels compiled kernels (CPU always; CUDA when built with it)";
+#ifdef WGAN_KERNELS_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+  m.def("clip_", &clip_, "Clamp every tensor to [-clip_value, clip_value] in place, one launch per (device, dtype)",
+        py::arg("params"), py::arg("clip_value"));
+  m.def("rmsprop_clip_", &rmsprop_clip_, "Fused RMSprop step + clamp over lists of tensors", py::arg("params"),
+        py::arg("grads"), py::arg("square_avgs"), py::arg("steps"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
+        py::arg("weight_decay"), py::arg("clip_value"));
+}

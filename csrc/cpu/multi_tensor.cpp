@@ -1,0 +1,122 @@
+// CPU multi-tensor kernels: weight clipping and fused RMSprop + clipping.
+// All spans are processed by one at::parallel_for, as if they were one flat array, so many
+// small tensors cost one fork/join instead of one per tensor. The loops are plain scalar code
+// written so that GCC vectorises them (-O3 -fno-math-errno).
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../wk_kernels.h"
+
+namespace wk {
+namespace cpu {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per task; below this the loop runs inline
+
+// Calls f(i, begin, end) for every piece [begin, end) of span i, the pieces of all spans
+// split among threads as one flat range.
+template <typename F>
+void for_each_piece(const Span* spans, int n, const F& f) {
+  std::vector<int64_t> offsets(n + 1, 0);
+  for (int i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + spans[i].numel;
+  at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
+    int i = static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin()) - 1;
+    while (begin < end) {
+      const int64_t stop = std::min(end, offsets[i + 1]);
+      if (stop > begin) f(i, begin - offsets[i], stop - offsets[i]);
+      begin = std::max(begin, stop);
+      ++i;
+    }
+  });
+}
+
+// Arithmetic type for storage type T: float for the 16-bit types, as torch does.
+template <typename T> struct OpMath { using type = T; };
+template <> struct OpMath<c10::Half> { using type = float; };
+template <> struct OpMath<c10::BFloat16> { using type = float; };
+
+// NaN-propagating clamp (torch.clamp semantics): a NaN compares false and passes through.
+template <typename Op>
+inline Op clamp_value(Op x, Op lo, Op hi) {
+  x = x < lo ? lo : x;
+  return hi < x ? hi : x;
+}
+
+template <typename T>
+void clip_typed(const Span* spans, int n, double c) {
+  using Op = typename OpMath<T>::type;
+  // Bounds rounded to the storage type first, so results equal a clamp done in T.
+  const Op hi = static_cast<Op>(static_cast<T>(c));
+  const Op lo = static_cast<Op>(static_cast<T>(-c));
+  for_each_piece(spans, n, [&](int i, int64_t b, int64_t e) {
+    T* p = static_cast<T*>(spans[i].ptr);
+    for (int64_t k = b; k < e; ++k) p[k] = static_cast<T>(clamp_value(static_cast<Op>(p[k]), lo, hi));
+  });
+}
+
+template <typename T, bool kClip, bool kDecay>
+void rmsprop_typed(const Span* params, const Span* grads, const Span* sqs, int n, const RMSpropParams& hp) {
+  using Op = typename OpMath<T>::type;
+  const Op lr = static_cast<Op>(hp.lr), alpha = static_cast<Op>(hp.alpha);
+  const Op one_minus_alpha = static_cast<Op>(1.0 - hp.alpha), eps = static_cast<Op>(hp.eps);
+  const Op wd = static_cast<Op>(hp.weight_decay);
+  const Op hi = static_cast<Op>(static_cast<T>(hp.clip_value));
+  const Op lo = static_cast<Op>(static_cast<T>(-hp.clip_value));
+  for_each_piece(params, n, [&](int i, int64_t b, int64_t e) {
+    T* __restrict__ p = static_cast<T*>(params[i].ptr);
+    const T* __restrict__ g = static_cast<const T*>(grads[i].ptr);
+    T* __restrict__ s = static_cast<T*>(sqs[i].ptr);
+    for (int64_t k = b; k < e; ++k) {
+      Op x = static_cast<Op>(p[k]);
+      Op gk = static_cast<Op>(g[k]);
+      if (kDecay) gk = gk + wd * x;
+      // Same order of operations as torch.optim.RMSprop:
+      // square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha); p.addcdiv_(g, sqrt(square_avg) + eps, -lr)
+      const Op sk = static_cast<Op>(static_cast<T>(static_cast<Op>(s[k]) * alpha)) + one_minus_alpha * gk * gk;
+      const T sk_t = static_cast<T>(sk);
+      const Op avg = std::sqrt(static_cast<Op>(sk_t)) + eps;
+      x = x + (-lr) * gk / avg;
+      if (kClip) x = clamp_value(x, lo, hi);
+      s[k] = sk_t;
+      p[k] = static_cast<T>(x);
+    }
+  });
+}
+
+template <typename T>
+void rmsprop_dispatch(const Span* params, const Span* grads, const Span* sqs, int n, const RMSpropParams& hp) {
+  const bool decay = hp.weight_decay != 0.0;
+  if (hp.clip && decay) rmsprop_typed<T, true, true>(params, grads, sqs, n, hp);
+  else if (hp.clip) rmsprop_typed<T, true, false>(params, grads, sqs, n, hp);
+  else if (decay) rmsprop_typed<T, false, true>(params, grads, sqs, n, hp);
+  else rmsprop_typed<T, false, false>(params, grads, sqs, n, hp);
+}
+
+}  // namespace
+
+void clip_multi(const Span* spans, int n, DType dtype, double c) {
+  switch (dtype) {
+    case DType::Float32: return clip_typed<float>(spans, n, c);
+    case DType::Float64: return clip_typed<double>(spans, n, c);
+    case DType::Float16: return clip_typed<c10::Half>(spans, n, c);
+    case DType::BFloat16: return clip_typed<c10::BFloat16>(spans, n, c);
+  }
+}
+
+void rmsprop_clip_multi(const Span* params, const Span* grads, const Span* square_avgs, int n, DType dtype,
+                        const RMSpropParams& hp) {
+  switch (dtype) {
+    case DType::Float32: return rmsprop_dispatch<float>(params, grads, square_avgs, n, hp);
+    case DType::Float64: return rmsprop_dispatch<double>(params, grads, square_avgs, n, hp);
+    case DType::Float16: return rmsprop_dispatch<c10::Half>(params, grads, square_avgs, n, hp);
+    case DType::BFloat16: return rmsprop_dispatch<c10::BFloat16>(params, grads, square_avgs, n, hp);
+  }
+}
+
+}  // namespace cpu
+}  // namespace wk

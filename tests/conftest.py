@@ -1,0 +1,40 @@
+"""Shared test settings: devices, dtypes and tolerances in one table.
+
+Without a GPU, Triton kernels run on the CPU interpreter: TRITON_INTERPRET must be set before
+Triton is imported, so it is set here, first.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# (rtol, atol) for comparing a kernel with its reference computed in the same dtype.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 1e-4),
+    torch.bfloat16: (1.6e-2, 1e-3),
+}
+
+
+def tol(dtype):
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)

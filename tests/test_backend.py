@@ -1,0 +1,103 @@
+"""The dispatch point, the extension's build, and `wgan-kernels info`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import wgan_kernels as wk
+from wgan_kernels import _backend
+from wgan_kernels.cli import main
+from wgan_kernels.info import collect
+
+
+def test_strict_means_the_extension_was_built():
+    """CI sets WGAN_KERNELS_STRICT=1: there the extension must load, with its CUDA half when
+    torch has CUDA (the CUDA sources are compiled in every CI run)."""
+    if not _backend._strict():
+        pytest.skip("WGAN_KERNELS_STRICT is not set")
+    assert _backend.extension_error() is None
+    assert _backend.extension() is not None
+    if torch.version.cuda is not None and os.environ.get("WGAN_KERNELS_SKIP_CUDA", "0") != "1":
+        assert _backend.extension().has_cuda, "torch has CUDA but the extension was built without its CUDA half"
+
+
+def test_auto_prefers_the_extension():
+    if _backend.extension() is None:
+        pytest.skip("extension not built")
+    assert wk.resolve_backend("clip_", "cpu") == "cpp"
+    assert wk.resolve_backend("rmsprop_clip_", torch.device("cpu")) == "cpp"
+    assert wk.resolve_backend("clip_", "cpu", "reference") == "reference"
+
+
+def test_environment_forces_a_backend(monkeypatch):
+    monkeypatch.setenv(_backend.BACKEND_ENV, "reference")
+    assert wk.resolve_backend("clip_", "cpu") == "reference"
+    assert wk.resolve_backend("clip_", "cpu", "auto") != "reference" or _backend.extension() is None
+    monkeypatch.setenv(_backend.BACKEND_ENV, "fastest")
+    with pytest.raises(ValueError, match=_backend.BACKEND_ENV):
+        wk.resolve_backend("clip_", "cpu")
+
+
+def test_bad_backend_names():
+    with pytest.raises(ValueError, match="backend"):
+        wk.resolve_backend("clip_", "cpu", "cuda")
+    with pytest.raises(ValueError, match="backend.*triton"):
+        wk.resolve_backend("clip_", "cpu", "triton")  # clip_ has no Triton kernel
+    with pytest.raises(ValueError, match="backend"):
+        wk.clip_([torch.randn(2)], backend="fast")
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """Pretend the extension failed to load."""
+    monkeypatch.setattr(_backend, "_ext", None)
+    monkeypatch.setattr(_backend, "_ext_loaded", True)
+    monkeypatch.setattr(_backend, "_ext_error", "ImportError: simulated")
+    monkeypatch.setattr(_backend, "_warned", False)
+    _backend._resolve.cache_clear()
+    yield
+    _backend._resolve.cache_clear()
+
+
+def test_missing_extension_warns_once_and_falls_back(no_extension, monkeypatch):
+    monkeypatch.delenv(_backend.STRICT_ENV, raising=False)
+    t = torch.tensor([2.0, -3.0, 0.001])
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        wk.clip_([t], 0.5)
+    torch.testing.assert_close(t, torch.tensor([0.5, -0.5, 0.001]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wk.clip_([t], 0.5)  # no second warning
+        assert _backend.resolve("rmsprop_clip_", "cpu") == "reference"
+    with pytest.raises(RuntimeError, match="not available"):
+        wk.resolve_backend("clip_", "cpu", "cpp")  # forcing it is an error
+
+
+def test_missing_extension_is_an_error_when_strict(no_extension, monkeypatch):
+    monkeypatch.setenv(_backend.STRICT_ENV, "1")
+    with pytest.raises(RuntimeError, match="WGAN_KERNELS_STRICT"):
+        wk.clip_([torch.randn(3)])
+
+
+def test_info_reports_versions_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    info = collect()
+    assert f"wgan_kernels {wk.__version__}" in out
+    assert f"torch {torch.__version__}" in out
+    assert "extension wgan_kernels._C:" in out
+    for op, per_device in info["backends"].items():
+        assert op in out
+        assert per_device["cpu"] in ("cpp", "reference", "triton")
+    if info["extension"] is not None:
+        assert "built: CPU" in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "wgan_kernels", "info"], capture_output=True, text=True, check=True)
+    assert "wgan_kernels" in out.stdout and "clip_" in out.stdout

@@ -1,0 +1,121 @@
+"""The one dispatch point: which implementation of an op runs for a given device.
+
+Backends:
+  ``"triton"``     Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+  ``"cpp"``        the compiled extension ``wgan_kernels._C`` (CPU; CUDA when built with it).
+  ``"reference"``  plain PyTorch: the test oracle and benchmark baseline.
+  ``"auto"``       the first available of the op's preferred backends for the device, else
+                   ``"reference"``.
+
+``backend=`` on an op, else the environment variable ``WGAN_KERNELS_BACKEND``, else ``"auto"``.
+A missing extension is reported once (a warning) and remembered for ``wgan-kernels info``;
+``WGAN_KERNELS_STRICT=1`` turns that fallback into an error (CI sets it). Nothing else in the
+package branches on device or availability.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from . import _triton
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+BACKEND_ENV = "WGAN_KERNELS_BACKEND"
+STRICT_ENV = "WGAN_KERNELS_STRICT"
+
+# op -> device type -> fast backends in order of preference ("reference" is always last).
+PREFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
+    "clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
+    "rmsprop_clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
+}
+
+_ext = None
+_ext_error: str | None = None
+_ext_loaded = False
+_warned = False
+
+
+def _strict() -> bool:
+    return os.environ.get(STRICT_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def extension():
+    """The compiled module ``wgan_kernels._C``, or None if it could not be loaded."""
+    global _ext, _ext_error, _ext_loaded
+    if not _ext_loaded:
+        _ext_loaded = True
+        try:
+            from . import _C  # noqa: PLC0415
+
+            _ext = _C
+        except Exception as e:  # ImportError, or an undefined symbol from a stale build
+            _ext_error = f"{type(e).__name__}: {e}"
+    return _ext
+
+
+def extension_error() -> str | None:
+    """Why the extension could not be loaded (None when it loaded)."""
+    extension()
+    return _ext_error
+
+
+def _missing_extension(op: str) -> None:
+    global _warned
+    msg = (
+        f"wgan_kernels: the compiled extension is not available ({_ext_error}); {op} and the other "
+        "extension ops fall back to plain PyTorch. Rebuild with `pip install --no-build-isolation -e .`."
+    )
+    if _strict():
+        raise RuntimeError(msg + f" ({STRICT_ENV}=1 makes this an error.)")
+    if not _warned:
+        _warned = True
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def available(backend: str, device_type: str) -> bool:
+    """Whether ``backend`` can run on tensors of ``device_type`` in this process."""
+    if backend == "reference":
+        return True
+    if backend == "cpp":
+        ext = extension()
+        return ext is not None and (device_type == "cpu" or (device_type == "cuda" and ext.has_cuda))
+    if backend == "triton":
+        return _triton.available() and (device_type == "cuda" or (device_type == "cpu" and _triton.interpreting()))
+    return False
+
+
+def requested_backend(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else BACKEND_ENV
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(op: str, device_type: str, name: str, interpreting: bool) -> str:
+    preferred = PREFERENCES[op].get(device_type, ())
+    if name == "auto":
+        for candidate in preferred:
+            if available(candidate, device_type):
+                return candidate
+        if "cpp" in preferred and extension() is None:
+            _missing_extension(op)
+        return "reference"
+    if name != "reference" and name not in preferred:
+        raise ValueError(f"backend: {op} has no {name!r} implementation for {device_type} tensors "
+                         f"(it has {preferred + ('reference',)})")
+    if not available(name, device_type):
+        why = _ext_error if name == "cpp" else "Triton is not importable, or CPU tensors without TRITON_INTERPRET=1"
+        raise RuntimeError(f"backend: {name!r} was requested for {op} on {device_type} but is not available: {why}")
+    return name
+
+
+def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
+    """The backend that runs ``op`` on ``device``; ``backend`` (or the env variable) forces one."""
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _resolve(op, device_type, requested_backend(backend), _triton.interpreting())

@@ -1,0 +1,58 @@
+"""The benchmark models of the design card, with their exact shapes, so figures compare across
+suites: plain ``torch.nn`` modules (no wgan_kernels layers), built on CPU in float32."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def mlp_critic(hidden: int = 512, in_features: int = 2) -> nn.Sequential:
+    """MLP 4xH (the WGAN-GP toy critic): 4 Linear layers, LeakyReLU(0.2) between them."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden), nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+        nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+        nn.Linear(hidden, 1),
+    )
+
+
+def mlp50() -> nn.Sequential:
+    """50 small parameter tensors: 25 x Linear(64, 64)."""
+    return nn.Sequential(*[nn.Linear(64, 64) for _ in range(25)])
+
+
+def dcgan64_critic() -> nn.Sequential:
+    """DCGAN-64 critic (10 tensors, 2.76M values), input 3x64x64, no normalisation layers."""
+    chans = [3, 64, 128, 256, 512]
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.LeakyReLU(0.2)]
+    layers.append(nn.Conv2d(512, 1, 4, 1, 0))
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers)
+
+
+def wide_critic_100m() -> nn.Sequential:
+    """A ~100M-value critic (6 x Linear(4096, 4096): 12 tensors, 100.7M values), for
+    bandwidth-bound optimizer and clipping benchmarks."""
+    return nn.Sequential(*[nn.Linear(4096, 4096) for _ in range(6)])
+
+
+def num_values(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+BENCH_MODELS = {
+    "mlp50": mlp50,
+    "dcgan64": dcgan64_critic,
+    "wide100m": wide_critic_100m,
+}
+
+
+def with_random_grads(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Gives every parameter a random gradient (for optimizer benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+    return module
