@@ -8,6 +8,7 @@
 #endif
 
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -190,6 +191,49 @@ void rmsprop_clip_(const std::vector<at::Tensor>& params, const std::vector<at::
   }
 }
 
+// ---------------------------------------------------------------- gradient-norm penalty (CPU)
+
+void check_penalty_input(const at::Tensor& grads) {
+  TORCH_CHECK_VALUE(grads.device().is_cpu(), "grads: the extension's penalty kernel takes CPU tensors, got ",
+                    grads.device());
+  TORCH_CHECK_VALUE(grads.dim() >= 1 && grads.size(0) > 0, "grads: expected shape (B, ...) with B >= 1, got ",
+                    grads.sizes());
+  kernel_dtype(grads, "grads", 0);
+}
+
+at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Returns (weight * mean_i phi(n_i) as a 0-d tensor, norms (B,)), both float32 (float64 for
+// float64 input).
+std::tuple<at::Tensor, at::Tensor> penalty_forward(const at::Tensor& grads, double weight, double center, double p,
+                                                   bool one_sided, double eps) {
+  check_penalty_input(grads);
+  const int64_t rows = grads.size(0);
+  const at::Tensor g = grads.reshape({rows, -1}).contiguous();
+  at::Tensor norms = at::empty({rows}, grads.options().dtype(acc_type(grads)));
+  const wk::PenaltySpec spec{weight, center, p, eps, one_sided};
+  const double total =
+      wk::cpu::penalty_forward(g.data_ptr(), rows, g.size(1), kernel_dtype(g, "grads", 0), spec, norms.data_ptr());
+  at::Tensor penalty = at::scalar_tensor(weight * total / static_cast<double>(rows), norms.options());
+  return {penalty, norms};
+}
+
+// d penalty / d grads, times grad_output: a tensor shaped like grads.
+at::Tensor penalty_backward(const at::Tensor& grads, const at::Tensor& norms, double grad_output, double weight,
+                            double center, double p, bool one_sided, double eps) {
+  check_penalty_input(grads);
+  const int64_t rows = grads.size(0);
+  const at::Tensor g = grads.reshape({rows, -1}).contiguous();
+  TORCH_CHECK_VALUE(norms.dim() == 1 && norms.size(0) == rows && norms.scalar_type() == acc_type(grads) &&
+                        norms.is_contiguous() && norms.device().is_cpu(),
+                    "norms: expected a contiguous (", rows, ",) tensor of ", acc_type(grads));
+  at::Tensor out = at::empty_like(g);
+  const wk::PenaltySpec spec{weight, center, p, eps, one_sided};
+  wk::cpu::penalty_backward(g.data_ptr(), rows, g.size(1), kernel_dtype(g, "grads", 0), spec, norms.data_ptr(),
+                            grad_output * weight / static_cast<double>(rows), out.data_ptr());
+  return out.view(grads.sizes());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -204,4 +248,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rmsprop_clip_", &rmsprop_clip_, "Fused RMSprop step + clamp over lists of tensors", py::arg("params"),
         py::arg("grads"), py::arg("square_avgs"), py::arg("steps"), py::arg("lr"), py::arg("alpha"), py::arg("eps"),
         py::arg("weight_decay"), py::arg("clip_value"));
+  m.def("penalty_forward", &penalty_forward, "Fused per-sample norms and weight * mean phi(norm) (CPU)",
+        py::arg("grads"), py::arg("weight"), py::arg("center"), py::arg("p"), py::arg("one_sided"), py::arg("eps"));
+  m.def("penalty_backward", &penalty_backward, "Gradient of penalty_forward w.r.t. grads (CPU)", py::arg("grads"),
+        py::arg("norms"), py::arg("grad_output"), py::arg("weight"), py::arg("center"), py::arg("p"),
+        py::arg("one_sided"), py::arg("eps"));
 }

@@ -21,12 +21,25 @@ struct RMSpropParams {
   bool clip;  // clamp the updated parameter to [-clip_value, clip_value]
 };
 
+// Gradient-norm penalty phi(n) = |n - center|^p, or max(0, n - center)^p when one_sided.
+struct PenaltySpec {
+  double weight, center, p, eps;
+  bool one_sided;
+};
+
 namespace cpu {
 // Clamp every span of `spans` to [-c, c] in place: one parallel loop over all of them.
 void clip_multi(const Span* spans, int n, DType dtype, double c);
 // Fused RMSprop + clamp over n (param, grad, square_avg) triples of equal numel.
 void rmsprop_clip_multi(const Span* params, const Span* grads, const Span* square_avgs, int n,
                         DType dtype, const RMSpropParams& hp);
+// Per-row L2 norms of a row-major (rows x cols) matrix g, written to `norms` (float32, or
+// float64 for Float64 input); returns sum_i phi(norm_i), accumulated in double.
+double penalty_forward(const void* g, int64_t rows, int64_t cols, DType dtype, const PenaltySpec& spec, void* norms);
+// grad_in[i, :] = scale * phi'(n_i) / n_i * g[i, :] (the safe form documented in ops/penalty.py),
+// grad_in of g's dtype; `scale` is grad_output * weight / rows.
+void penalty_backward(const void* g, int64_t rows, int64_t cols, DType dtype, const PenaltySpec& spec,
+                      const void* norms, double scale, void* grad_in);
 }  // namespace cpu
 
 namespace cuda {

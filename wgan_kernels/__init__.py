@@ -1,12 +1,27 @@
 """wgan_kernels: fused kernels for Wasserstein GAN critics.
 
-Ops: weight clipping (``clip_``, ``ClippedRMSprop``). Every op has a plain-PyTorch reference
-beside it and chooses its backend at one dispatch point (``wgan_kernels._backend``).
+Ops: gradient-norm penalties (``grad_norm_penalty``, ``gradient_penalty``, ``critic_loss``,
+``sample_penalty_points``) and weight clipping (``clip_``, ``ClippedRMSprop``). Every op has a
+plain-PyTorch reference beside it and chooses its backend at one dispatch point
+(``wgan_kernels._backend``).
 """
 
 __version__ = "0.1.0"
 
 from ._backend import resolve as resolve_backend
+from .losses import PRESETS, STRATEGIES, critic_loss, gradient_penalty, sample_penalty_points
 from .ops.clip import ClippedRMSprop, clip_
+from .ops.penalty import grad_norm_penalty
 
-__all__ = ["__version__", "ClippedRMSprop", "clip_", "resolve_backend"]
+__all__ = [
+    "__version__",
+    "ClippedRMSprop",
+    "PRESETS",
+    "STRATEGIES",
+    "clip_",
+    "critic_loss",
+    "grad_norm_penalty",
+    "gradient_penalty",
+    "resolve_backend",
+    "sample_penalty_points",
+]

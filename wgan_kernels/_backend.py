@@ -31,6 +31,7 @@ STRICT_ENV = "WGAN_KERNELS_STRICT"
 PREFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
     "clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
     "rmsprop_clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
+    "grad_norm_penalty": {"cpu": ("cpp",), "cuda": ("triton",)},
 }
 
 _ext = None
@@ -106,9 +107,13 @@ def _resolve(op: str, device_type: str, name: str, interpreting: bool) -> str:
         if "cpp" in preferred and extension() is None:
             _missing_extension(op)
         return "reference"
-    if name != "reference" and name not in preferred:
+    # A Triton kernel written for CUDA also runs on CPU tensors under the interpreter (when forced).
+    implemented = preferred
+    if device_type == "cpu" and "triton" in PREFERENCES[op].get("cuda", ()):
+        implemented = implemented + ("triton",)
+    if name != "reference" and name not in implemented:
         raise ValueError(f"backend: {op} has no {name!r} implementation for {device_type} tensors "
-                         f"(it has {preferred + ('reference',)})")
+                         f"(it has {implemented + ('reference',)})")
     if not available(name, device_type):
         why = _ext_error if name == "cpp" else "Triton is not importable, or CPU tensors without TRITON_INTERPRET=1"
         raise RuntimeError(f"backend: {name!r} was requested for {op} on {device_type} but is not available: {why}")

@@ -70,7 +70,7 @@ def _check_like(tensors: list[torch.Tensor], params: list[torch.Tensor], name: s
 def _needs_reference(tensors: list[torch.Tensor]) -> bool:
     # The extension may lack its CUDA half (built with WGAN_KERNELS_SKIP_CUDA=1).
     ext = extension()
-    return ext is not None and not ext.has_cuda and any(t.is_cuda for t in tensors)
+    return ext is not None and not ext.has_cuda and any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
 # ----------------------------------------------------------------------------- clip_

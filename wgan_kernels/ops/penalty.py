@@ -1,0 +1,263 @@
+"""The gradient-norm penalty reduction: ``weight * mean_i phi(||grads_i||_2)``.
+
+``phi(n) = |n - center|^p``, or ``max(0, n - center)^p`` when ``one_sided``; ``n_i`` is the L2
+norm of sample i's gradient over all non-batch dims. This one formula is WGAN-GP (center 1, p 2),
+WGAN-div (center 0, p 6), R1/R2 (center 0, p 2), DRAGAN and 0-GP; see ``wgan_kernels.losses``
+for the presets.
+
+Layers (one file): Triton kernels (CUDA) / the extension's CPU kernel (``csrc/cpu/penalty.cpp``)
+do the forward (norms + penalty) and the backward (a per-row scale times the row) in one pass
+each, accumulating in float32 (float64 for float64 input); ``_GradNormPenalty`` is the autograd
+Function, whose backward is itself a Function (``_GradNormPenaltyGrad``) with an analytic,
+differentiable backward, so the op is twice (and more) differentiable; ``grad_norm_penalty_reference``
+is the plain-PyTorch oracle.
+
+Gradient order: first derivative by the fused kernels; second and higher by plain torch ops.
+At ``n_i = 0`` the gradient is defined: ``d phi / d grads_i = phi'(n_i) / n_i * grads_i`` with
+``phi'(n)/n`` taken as ``p * n^(p-2)`` when center is 0 and p >= 2 (exact, 0 or 2 at n = 0), and as
+``phi'(n) / max(n, EPS)`` otherwise (``EPS = 1e-12``); since ``grads_i = 0`` there, the gradient is 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._backend import extension, resolve
+from .._triton import next_power_of_2, tl, triton
+
+__all__ = ["grad_norm_penalty", "grad_norm_penalty_reference", "EPS"]
+
+EPS = 1e-12
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_args(grads, weight, center, p, one_sided) -> tuple[float, float, float, bool]:
+    if not isinstance(grads, torch.Tensor):
+        raise ValueError(f"grads: expected a tensor, got {type(grads).__name__}")
+    if grads.dtype not in _DTYPES:
+        raise ValueError(f"grads: expected a floating-point tensor (float32, float64, float16, bfloat16), "
+                         f"got {grads.dtype}")
+    if grads.dim() < 1 or grads.shape[0] == 0:
+        raise ValueError(f"grads: expected shape (B, ...) with B >= 1, got {tuple(grads.shape)} (empty batch)")
+
+    def number(name, x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(f"{name}: expected a finite number, got {x!r}")
+        return float(x)
+
+    weight, center, p = number("weight", weight), number("center", center), number("p", p)
+    if weight < 0:
+        raise ValueError(f"weight: expected a number >= 0, got {weight}")
+    if p <= 1:
+        raise ValueError(f"p: expected a number > 1, got {p}")
+    if not isinstance(one_sided, bool):
+        raise ValueError(f"one_sided: expected a bool, got {one_sided!r}")
+    return weight, center, p, one_sided
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _phi(n, center, p, one_sided):
+    d = n - center
+    return (d.clamp_min(0) if one_sided else d.abs()).pow(p)
+
+
+def grad_norm_penalty_reference(grads, *, weight: float, center: float, p: float, one_sided: bool = False):
+    """Plain PyTorch: ``weight * mean(phi(grads.flatten(1).norm(dim=1)))`` in float32 (float64
+    for float64 input); differentiable by autograd (its gradient is NaN at n_i = 0)."""
+    g = grads.flatten(1).to(_acc_dtype(grads.dtype))
+    return weight * _phi(g.pow(2).sum(1).sqrt(), center, p, one_sided).mean()
+
+
+def _scale(n, center, p, one_sided):
+    """a(n) = phi'(n) / n in its safe form (see the module docstring); differentiable in n."""
+    if center == 0 and p >= 2:
+        return torch.full_like(n, 2.0) if p == 2 else p * n.pow(p - 2)
+    d = n - center
+    dphi = p * (d.clamp_min(0).pow(p - 1) if one_sided else d.abs().pow(p - 1) * d.sign())
+    return dphi / n.clamp_min(EPS)
+
+
+def _scale_derivative_over_n(n, center, p, one_sided):
+    """a'(n) / n, the extra term of the second derivative."""
+    if center == 0 and p >= 2:
+        return torch.zeros_like(n) if p == 2 else p * (p - 2) * n.clamp_min(EPS).pow(p - 4)
+    d = n - center
+    if one_sided:  # 0 where the penalty is inactive (0 ** 0 would give 1 at p = 2)
+        d2phi = torch.where(d > 0, p * (p - 1) * d.clamp_min(0).pow(p - 2), torch.zeros_like(d))
+    else:
+        d2phi = p * (p - 1) * d.abs().pow(p - 2)
+    nc = n.clamp_min(EPS)
+    return (d2phi - _scale(n, center, p, one_sided)) / (nc * nc)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _pow_pos(x, e):
+        # x ** e for x >= 0, e > 0 (0 at x = 0)
+        return tl.where(x > 0, tl.exp2(e * tl.log2(tl.maximum(x, 1e-30))), 0.0)
+
+    @triton.jit
+    def _penalty_fwd_kernel(g_ptr, norms_ptr, phi_ptr, cols, center, p,
+                            ONE_SIDED: tl.constexpr, ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        base = g_ptr + row * cols
+        acc_t = tl.float64 if ACC_F64 else tl.float32
+        acc = tl.zeros([BLOCK], dtype=acc_t)
+        for start in range(0, cols, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(base + offs, mask=offs < cols, other=0.0).to(acc_t)
+            acc += x * x
+        n = tl.sqrt(tl.sum(acc, axis=0))
+        d = n - center
+        d = tl.maximum(d, 0.0) if ONE_SIDED else tl.abs(d)
+        tl.store(norms_ptr + row, n)
+        tl.store(phi_ptr + row, _pow_pos(d, p))
+
+    @triton.jit
+    def _penalty_bwd_kernel(g_ptr, out_ptr, norms_ptr, grad_out_ptr, cols, weight_over_rows, center, p, eps,
+                            ONE_SIDED: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
+        # MODE 0: center 0 and p == 2 (a = 2); 1: center 0 and p > 2 (a = p n^(p-2)); 2: general.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        n = tl.load(norms_ptr + row)
+        if MODE == 0:
+            a = n * 0.0 + 2.0
+        elif MODE == 1:
+            a = p * _pow_pos(n, p - 2.0)
+        else:
+            d = n - center
+            if ONE_SIDED:
+                dphi = p * _pow_pos(tl.maximum(d, 0.0), p - 1.0)
+            else:
+                dphi = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * p * _pow_pos(tl.abs(d), p - 1.0)
+            a = dphi / tl.maximum(n, eps)
+        c = tl.load(grad_out_ptr).to(a.dtype) * weight_over_rows * a
+        mask = offs < cols
+        x = tl.load(g_ptr + row * cols + offs, mask=mask, other=0.0)
+        tl.store(out_ptr + row * cols + offs, (c * x.to(a.dtype)).to(x.dtype), mask=mask)
+
+
+def _triton_forward(g2, center, p, one_sided):
+    rows, cols = g2.shape
+    acc = _acc_dtype(g2.dtype)
+    norms = torch.empty(rows, device=g2.device, dtype=acc)
+    phi = torch.empty(rows, device=g2.device, dtype=acc)
+    block = min(next_power_of_2(max(cols, 16)), 4096)
+    _penalty_fwd_kernel[(rows,)](g2, norms, phi, cols, center, p, ONE_SIDED=one_sided, ACC_F64=acc == torch.float64,
+                                 BLOCK=block)
+    return phi, norms
+
+
+def _triton_backward(g2, norms, grad_out, weight, center, p, one_sided):
+    rows, cols = g2.shape
+    out = torch.empty_like(g2)
+    block = min(next_power_of_2(max(cols, 16)), 1024)
+    mode = 0 if (center == 0 and p == 2) else (1 if (center == 0 and p > 2) else 2)
+    grid = (rows, triton.cdiv(cols, block))
+    _penalty_bwd_kernel[grid](g2, out, norms, grad_out.reshape(1).to(norms.dtype), cols, weight / rows, center, p, EPS,
+                              ONE_SIDED=one_sided, MODE=mode, BLOCK=block)
+    return out
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _GradNormPenalty(torch.autograd.Function):
+    """(penalty, norms) from grads; backward by the fused kernel of the same backend."""
+
+    @staticmethod
+    def forward(ctx, grads, weight, center, p, one_sided, backend):
+        rows = grads.shape[0]
+        g2 = grads.reshape(rows, -1).contiguous()
+        if backend == "cpp":
+            penalty, norms = extension().penalty_forward(g2, weight, center, p, one_sided, EPS)
+        else:  # triton
+            phi, norms = _triton_forward(g2, center, p, one_sided)
+            penalty = phi.sum() * (weight / rows)
+        ctx.save_for_backward(grads, norms)
+        ctx.spec = (weight, center, p, one_sided, backend)
+        ctx.mark_non_differentiable(norms)
+        return penalty, norms
+
+    @staticmethod
+    def backward(ctx, grad_penalty, _grad_norms):
+        grads, norms = ctx.saved_tensors
+        return _GradNormPenaltyGrad.apply(grads, norms, grad_penalty, ctx.spec), None, None, None, None, None
+
+
+class _GradNormPenaltyGrad(torch.autograd.Function):
+    """grad_in = grad_penalty * weight / B * a(n_i) * grads_i, by the fused kernel; its own
+    backward is analytic (plain torch ops), so higher derivatives exist."""
+
+    @staticmethod
+    def forward(ctx, grads, norms, grad_penalty, spec):
+        weight, center, p, one_sided, backend = spec
+        rows = grads.shape[0]
+        g2 = grads.reshape(rows, -1).contiguous()
+        if backend == "cpp":
+            out = extension().penalty_backward(g2, norms, float(grad_penalty), weight, center, p, one_sided, EPS)
+        else:
+            out = _triton_backward(g2, norms, grad_penalty, weight, center, p, one_sided)
+        ctx.save_for_backward(grads, grad_penalty)
+        ctx.spec = spec
+        return out.view(grads.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, grad_penalty = ctx.saved_tensors
+        weight, center, p, one_sided, _ = ctx.spec
+        rows = grads.shape[0]
+        acc = _acc_dtype(grads.dtype)
+        g = grads.reshape(rows, -1).to(acc)
+        gg = grad_out.reshape(rows, -1).to(acc)
+        n = g.pow(2).sum(1).sqrt()
+        a = _scale(n, center, p, one_sided)
+        inner = (gg * g).sum(1)  # <G_i, g_i>
+        d_grad_penalty = (weight / rows) * (a * inner).sum()
+        s = grad_penalty.to(acc) * (weight / rows)
+        d_grads = s * (a[:, None] * gg + (_scale_derivative_over_n(n, center, p, one_sided) * inner)[:, None] * g)
+        return d_grads.to(grads.dtype).view(grads.shape), None, d_grad_penalty.to(grad_penalty.dtype), None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def grad_norm_penalty_and_norms(grads, *, weight: float, center: float, p: float, one_sided: bool = False,
+                                backend: str | None = None):
+    """``(penalty, norms)``: the penalty of ``grad_norm_penalty`` and the per-sample norms
+    (float32/float64, not differentiable) it computed on the way, for logging."""
+    weight, center, p, one_sided = _check_args(grads, weight, center, p, one_sided)
+    chosen = resolve("grad_norm_penalty", grads.device, backend)
+    if chosen == "reference":
+        with torch.no_grad():
+            norms = grads.detach().flatten(1).to(_acc_dtype(grads.dtype)).norm(dim=1)
+        return grad_norm_penalty_reference(grads, weight=weight, center=center, p=p, one_sided=one_sided), norms
+    return _GradNormPenalty.apply(grads, weight, center, p, one_sided, chosen)
+
+
+def grad_norm_penalty(grads, *, weight: float, center: float, p: float, one_sided: bool = False,
+                      backend: str | None = None):
+    """``weight * mean_i phi(||grads_i||_2)`` with ``phi(n) = |n - center|^p`` (or
+    ``max(0, n - center)^p`` if ``one_sided``), the norm over all non-batch dims of ``grads``
+    (shape (B, ...)), accumulated in float32 whatever the input dtype; returns a 0-d float32
+    tensor (float64 for float64 input). Differentiable (twice and more) w.r.t. ``grads``.
+
+    ``backend``: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpp"``
+    (CPU), ``"reference"``.
+    """
+    return grad_norm_penalty_and_norms(grads, weight=weight, center=center, p=p, one_sided=one_sided,
+                                       backend=backend)[0]
