@@ -56,3 +56,51 @@ def with_random_grads(module: nn.Module, seed: int = 0) -> nn.Module:
     for p in module.parameters():
         p.grad = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
     return module
+
+
+class _ResBlock(nn.Module):
+    """WGAN-GP's CIFAR-10 critic block: (ReLU) conv3x3 ReLU conv3x3 [mean-pool], plus a
+    shortcut (1x1 conv after/before pooling when shapes change)."""
+
+    def __init__(self, c_in: int, c_out: int, downsample: bool, first: bool = False):
+        super().__init__()
+        self.first, self.downsample = first, downsample
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if (downsample or c_in != c_out) else None
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x):
+        h = x if self.first else torch.relu(x)
+        h = self.conv2(torch.relu(self.conv1(h)))
+        s = x
+        if self.downsample:
+            h = self.pool(h)
+            s = self.shortcut(self.pool(s)) if self.first else self.pool(self.shortcut(s))
+        elif self.shortcut is not None:
+            s = self.shortcut(s)
+        return h + s
+
+
+class ResNetCritic(nn.Module):
+    """ResNet-32 critic (WGAN-GP's CIFAR-10 critic): 128 channels, an optimised first block with
+    downsampling, one more downsampling block, two plain blocks, ReLU, global mean pooling,
+    Linear(128, 1); input 3x32x32."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            _ResBlock(3, channels, downsample=True, first=True),
+            _ResBlock(channels, channels, downsample=True),
+            _ResBlock(channels, channels, downsample=False),
+            _ResBlock(channels, channels, downsample=False),
+        )
+        self.linear = nn.Linear(channels, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.blocks(x))
+        return self.linear(h.mean(dim=(2, 3)))
+
+
+def resnet32_critic() -> ResNetCritic:
+    return ResNetCritic()

@@ -59,6 +59,28 @@ void clip_typed(const Span* spans, int n, double c) {
   });
 }
 
+// One contiguous piece: plain pointers and loop-invariant constants, so GCC vectorises it
+// (sqrt and division included, -fno-math-errno).
+template <typename T, typename Op, bool kClip, bool kDecay>
+void rmsprop_piece(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s, int64_t n, Op lr, Op alpha,
+                   Op one_minus_alpha, Op eps, Op wd, Op lo, Op hi) {
+#pragma GCC ivdep
+  for (int64_t k = 0; k < n; ++k) {
+    Op x = static_cast<Op>(p[k]);
+    Op gk = static_cast<Op>(g[k]);
+    if (kDecay) gk = gk + wd * x;
+    // Same order of operations as torch.optim.RMSprop:
+    // square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha); p.addcdiv_(g, sqrt(square_avg) + eps, -lr)
+    const T sk = static_cast<T>(static_cast<Op>(static_cast<T>(static_cast<Op>(s[k]) * alpha)) +
+                                one_minus_alpha * gk * gk);
+    const Op avg = std::sqrt(static_cast<Op>(sk)) + eps;
+    x = x + (-lr) * gk / avg;
+    if (kClip) x = clamp_value(x, lo, hi);
+    s[k] = sk;
+    p[k] = static_cast<T>(x);
+  }
+}
+
 template <typename T, bool kClip, bool kDecay>
 void rmsprop_typed(const Span* params, const Span* grads, const Span* sqs, int n, const RMSpropParams& hp) {
   using Op = typename OpMath<T>::type;
@@ -68,23 +90,9 @@ void rmsprop_typed(const Span* params, const Span* grads, const Span* sqs, int n
   const Op hi = static_cast<Op>(static_cast<T>(hp.clip_value));
   const Op lo = static_cast<Op>(static_cast<T>(-hp.clip_value));
   for_each_piece(params, n, [&](int i, int64_t b, int64_t e) {
-    T* __restrict__ p = static_cast<T*>(params[i].ptr);
-    const T* __restrict__ g = static_cast<const T*>(grads[i].ptr);
-    T* __restrict__ s = static_cast<T*>(sqs[i].ptr);
-    for (int64_t k = b; k < e; ++k) {
-      Op x = static_cast<Op>(p[k]);
-      Op gk = static_cast<Op>(g[k]);
-      if (kDecay) gk = gk + wd * x;
-      // Same order of operations as torch.optim.RMSprop:
-      // square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha); p.addcdiv_(g, sqrt(square_avg) + eps, -lr)
-      const Op sk = static_cast<Op>(static_cast<T>(static_cast<Op>(s[k]) * alpha)) + one_minus_alpha * gk * gk;
-      const T sk_t = static_cast<T>(sk);
-      const Op avg = std::sqrt(static_cast<Op>(sk_t)) + eps;
-      x = x + (-lr) * gk / avg;
-      if (kClip) x = clamp_value(x, lo, hi);
-      s[k] = sk_t;
-      p[k] = static_cast<T>(x);
-    }
+    rmsprop_piece<T, Op, kClip, kDecay>(static_cast<T*>(params[i].ptr) + b, static_cast<const T*>(grads[i].ptr) + b,
+                                        static_cast<T*>(sqs[i].ptr) + b, e - b, lr, alpha, one_minus_alpha, eps, wd,
+                                        lo, hi);
   });
 }
 

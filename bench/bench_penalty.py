@@ -1,0 +1,118 @@
+"""Critic steps with a gradient penalty (forward, penalty, backward): eager vs wgan_kernels.
+
+Impls per (loss, model):
+  eager             the double-backward code users write (autograd.grad(create_graph=True))
+  wgan_kernels      critic_loss(): one shared forward (div), fused penalty, double backward
+  explicit          critic_loss() on the wgan_kernels.nn version of the critic: explicit input
+                    gradient, a first-order backward only
+  explicit+compile  the same step under torch.compile
+  plain             a plain forward + backward of the critic on the same 2B samples; the floor
+                    of a penalty step is 2x this
+Each impl also records the peak memory of one step (CPU: torch.profiler's allocation timeline;
+CUDA: max_memory_allocated).
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, QUICK, record
+
+import wgan_kernels as wk
+from wgan_kernels.models import dcgan64_critic, mlp_critic, resnet32_critic
+
+try:
+    from wgan_kernels.nn import from_torch
+except ImportError:  # the explicit path is not there yet
+    from_torch = None
+
+MODELS = {
+    "mlp512-b256": (lambda: mlp_critic(512), (256, 2)),
+    "mlp128-b64": (lambda: mlp_critic(128), (64, 2)),
+    "dcgan64-b64": (dcgan64_critic, (64, 3, 64, 64)),
+    "resnet32-b64": (resnet32_critic, (64, 3, 32, 32)),
+}
+if QUICK:
+    MODELS = {k: v for k, v in MODELS.items() if k.startswith("mlp")}
+IMPLS = ["eager", "wgan_kernels", "explicit", "explicit+compile", "plain"]
+
+
+def eager_step(critic, real, fake, loss):
+    critic.zero_grad(set_to_none=True)
+    if loss == "div":  # k E||grad||^p on real and fake samples (Wu et al. 2018), k 2, p 6
+        r, f = real.detach().requires_grad_(True), fake.detach().requires_grad_(True)
+        d_real, d_fake = critic(r), critic(f)
+        gr, gf = torch.autograd.grad(d_real.sum() + d_fake.sum(), (r, f), create_graph=True)
+        norms = torch.cat([gr, gf]).flatten(1).norm(dim=1)
+        total = d_fake.mean() - d_real.mean() + 2.0 * norms.pow(6).mean()
+    else:  # WGAN-GP, lambda 10 on interpolates
+        d_real, d_fake = critic(real).mean(), critic(fake).mean()
+        alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device)
+        x = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+        (g,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+        total = d_fake - d_real + 10.0 * (g.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    total.backward()
+
+
+def ours_step(critic, real, fake, loss):
+    critic.zero_grad(set_to_none=True)
+    total, _ = wk.critic_loss(critic, real, fake, penalty=loss)
+    total.backward()
+
+
+def plain_step(critic, real, fake):
+    critic.zero_grad(set_to_none=True)
+    critic(torch.cat([real, fake])).mean().backward()
+
+
+def peak_bytes(fn) -> int:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("loss", ["div", "gp"])
+def test_critic_step(benchmark, loss, model, impl):
+    make, shape = MODELS[model]
+    torch.manual_seed(0)
+    critic = make().to(DEVICE)
+    real = torch.randn(*shape, device=DEVICE)
+    fake = torch.randn(*shape, device=DEVICE) * 1.2 + 0.1
+    if impl == "eager":
+        def fn():
+            eager_step(critic, real, fake, loss)
+    elif impl == "wgan_kernels":
+        def fn():
+            ours_step(critic, real, fake, loss)
+    elif impl == "plain":
+        def fn():
+            plain_step(critic, real, fake)
+    else:
+        if from_torch is None or not isinstance(critic, torch.nn.Sequential):
+            pytest.skip("no explicit input-gradient version of this critic")
+        explicit = from_torch(critic)
+        if impl == "explicit":
+            def fn():
+                ours_step(explicit, real, fake, loss)
+        else:
+            compiled = torch.compile(lambda: ours_step(explicit, real, fake, loss))
+
+            def fn():
+                compiled()
+    record(benchmark, suite=f"critic-step-{loss}", case=model, impl=impl, fn=fn,
+           numel=real.numel(), tensors=sum(1 for _ in critic.parameters()), bytes=0, peak_bytes=peak_bytes(fn))
