@@ -138,7 +138,7 @@ def summarize(raw: dict) -> tuple[str, list[dict]]:
     return device, rows
 
 
-def merge(raw_paths: list[Path]) -> Path:
+def merge(raw_paths: list[Path], out_dir: Path = RESULTS) -> Path:
     from wgan_kernels.info import collect
 
     new_rows: list[dict] = []
@@ -147,7 +147,7 @@ def merge(raw_paths: list[Path]) -> Path:
         device, rows = summarize(json.loads(p.read_text()))
         new_rows += rows
     label = device_label(device)
-    out = RESULTS / f"{slug(device.split(':')[0], label)}.json"
+    out = out_dir / f"{slug(device.split(':')[0], label)}.json"
     old = json.loads(out.read_text()) if out.exists() else {"rows": []}
     suites = {r["suite"] for r in new_rows}
     info = collect()
@@ -157,7 +157,7 @@ def merge(raw_paths: list[Path]) -> Path:
         "versions": {k: info[k] for k in ("wgan_kernels", "python", "torch", "torch_cuda", "triton")},
         "rows": [r for r in old["rows"] if r["suite"] not in suites] + new_rows,
     }
-    RESULTS.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     return out
 
@@ -168,15 +168,16 @@ def _ms(s: float | None) -> str:
     return f"{s * 1e3:.3f}" if s < 1 else f"{s * 1e3:.0f}"
 
 
-def tables() -> str:
+def tables(paths=None) -> str:
     parts = []
-    for path in sorted(RESULTS.glob("*.json")):
+    for path in paths if paths is not None else sorted(RESULTS.glob("*.json")):
         if path.name.startswith("raw"):
             continue
         doc = json.loads(path.read_text())
         v = doc["versions"]
+        where = f"bench/results/{path.name}" if path.resolve().parent == RESULTS.resolve() else str(path)
         parts.append(f"**{doc['device']}** (torch {v['torch']}, triton {v['triton']}; from "
-                     f"`bench/results/{path.name}`). Times are medians in ms; ratio = eager baseline / the "
+                     f"`{where}`). Times are medians in ms; ratio = eager baseline / the "
                      "best wgan_kernels variant.\n")
         by_suite: dict[str, list[dict]] = {}
         for r in doc["rows"]:
@@ -225,11 +226,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("raw", nargs="*", type=Path, help="pytest-benchmark --benchmark-json files")
     ap.add_argument("--readme", action="store_true", help="only regenerate the README tables")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default bench/results)")
+    ap.add_argument("--print", action="store_true", help="print the merged results as a table")
     args = ap.parse_args(argv)
     if args.raw:
-        print(f"wrote {merge(args.raw)}")
-    update_readme()
-    print(f"updated {README}")
+        out = merge(args.raw, args.out)
+        print(f"wrote {out}")
+        if args.print:
+            print(tables([out]))
+    if args.out.resolve() == RESULTS.resolve():
+        update_readme()
+        print(f"updated {README}")
 
 
 if __name__ == "__main__":
