@@ -1,0 +1,341 @@
+"""The thin trainer: WGAN (clipping), WGAN-GP, WGAN-div and SN-GAN critics on embedded data,
+with the fused ops (``backend="fused"``) or plain PyTorch (``backend="eager"``), same models and
+seeds. It calls only public ops (``critic_loss``, ``ClippedRMSprop``, ``spectral_norm_all``,
+``wgan_kernels.nn.from_torch``); the eager code is the plain-PyTorch version users write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import ClippedRMSprop, critic_loss
+from . import datasets as ds
+from .metrics import metric_for
+
+LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
+BACKENDS = ("fused", "eager")
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "wgan-div"
+    dataset: str = "8gaussians"
+    backend: str = "fused"
+    steps: int = 1000               # generator steps
+    n_critic: int = 5               # critic steps per generator step (the papers' 5)
+    batch_size: int | None = None   # 256 for 2-D data, 64 otherwise
+    lr: float | None = None         # per-loss default (see _optimizer_defaults)
+    hidden: int = 256
+    z_dim: int | None = None        # 2 for 2-D data, 32 otherwise
+    penalty_weight: float | None = None  # GP: 0.1 on 2-D data (WGAN-GP toys), 10 otherwise; div: k 2
+    div_p: float = 6.0
+    clip_value: float = 0.01
+    seed: int = 0
+    eval_every: int = 100
+    eval_samples: int = 1000
+    checkpoint_every: int = 200
+    log_every: int = 10
+    device: str = "cpu"
+    out: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {cfg.loss!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
+    for name in ("steps", "n_critic", "eval_every", "checkpoint_every", "log_every", "hidden", "eval_samples"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def _mlp(sizes: list[int], act) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return layers
+
+
+def build_models(dim: int, shape: tuple[int, ...], hidden: int, z_dim: int) -> tuple[nn.Module, nn.Sequential]:
+    """Generator and critic: 3 hidden layers of width ``hidden``; ReLU in G, LeakyReLU(0.2) in D
+    (no normalisation layers: the gradient penalty forbids batch norm in the critic)."""
+    g_layers = _mlp([z_dim, hidden, hidden, hidden, dim], nn.ReLU)
+    d_layers = _mlp([dim, hidden, hidden, hidden, 1], lambda: nn.LeakyReLU(0.2))
+    if len(shape) > 1:  # images: flatten in, tanh out
+        g_layers += [nn.Tanh(), nn.Unflatten(1, shape)]
+        d_layers = [nn.Flatten()] + d_layers
+    return nn.Sequential(*g_layers), nn.Sequential(*d_layers)
+
+
+def _optimizer_defaults(loss: str) -> tuple[str, dict]:
+    if loss == "wgan":  # Arjovsky et al. 2017: RMSprop 5e-5, clip 0.01
+        return "rmsprop", {"lr": 5e-5}
+    if loss == "wgan-gp":  # Gulrajani et al. 2017: Adam 1e-4, betas (0, 0.9)
+        return "adam", {"lr": 1e-4, "betas": (0.0, 0.9)}
+    if loss == "wgan-div":  # measured on the toys (DESIGN.md): Adam 1e-4, betas (0.5, 0.9)
+        return "adam", {"lr": 1e-4, "betas": (0.5, 0.9)}
+    return "adam", {"lr": 2e-4, "betas": (0.5, 0.999)}  # SN-GAN (Miyato et al. 2018), n_dis 5
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data=None):
+        _check(cfg)
+        self.cfg = cfg
+        self.sampler = ds.load(data if data is not None else cfg.dataset)
+        toy = self.sampler.dim == 2 and self.sampler.data is None
+        self.batch = cfg.batch_size or (256 if self.sampler.dim == 2 else 64)
+        self.z_dim = cfg.z_dim or (2 if self.sampler.dim == 2 else 32)
+        self.device = torch.device(cfg.device)
+        weight = cfg.penalty_weight
+        if weight is None:
+            weight = 2.0 if cfg.loss == "wgan-div" else (0.1 if toy or self.sampler.dim == 2 else 10.0)
+        self.penalty_weight = weight
+
+        torch.manual_seed(cfg.seed)  # model init: the same for both backends
+        self.G, self.D = build_models(self.sampler.dim, self.sampler.shape, cfg.hidden, self.z_dim)
+        self.G.to(self.device)
+        self.D.to(self.device)
+        self.critic = self.D  # what the critic loss runs (the explicit path on the fused backend)
+        if cfg.loss == "sngan":
+            self._apply_spectral_norm()
+        elif cfg.backend == "fused" and cfg.loss in ("wgan-gp", "wgan-div"):
+            try:
+                from ..nn import from_torch
+
+                self.critic = from_torch(self.D)  # shares the parameters
+            except (ImportError, ValueError):
+                pass
+        kind, hp = _optimizer_defaults(cfg.loss)
+        if cfg.lr is not None:
+            hp["lr"] = cfg.lr
+        if kind == "rmsprop":
+            self.opt_d = (ClippedRMSprop(self.D.parameters(), clip_value=cfg.clip_value, **hp)
+                          if cfg.backend == "fused" else torch.optim.RMSprop(self.D.parameters(), **hp))
+            self.opt_g = torch.optim.RMSprop(self.G.parameters(), **hp)
+        else:
+            self.opt_d = torch.optim.Adam(self.D.parameters(), **hp)
+            self.opt_g = torch.optim.Adam(self.G.parameters(), **hp)
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # data, noise, penalty draws
+        self.dev_gen = self.gen if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(cfg.seed + 2)
+        self.step = 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.wall = 0.0
+        self.metric_name, self.metric_fn = metric_for(self.sampler.dim)
+        eval_gen = torch.Generator().manual_seed(12345)  # the same evaluation sample for every run
+        self.eval_real = self.sampler.sample(cfg.eval_samples, eval_gen)
+        self.eval_z = torch.randn(cfg.eval_samples, self.z_dim, generator=eval_gen)
+
+    def _apply_spectral_norm(self) -> None:
+        if self.cfg.backend == "fused":
+            from ..ops.spectral_norm import spectral_norm_all
+
+            spectral_norm_all(self.D)
+        else:
+            for m in self.D.modules():
+                if isinstance(m, nn.Linear):
+                    torch.nn.utils.parametrizations.spectral_norm(m)
+
+    # ---- one step of each network
+
+    def _noise(self, n):
+        return torch.randn(n, self.z_dim, generator=self.gen).to(self.device)
+
+    def _critic_step(self, real, fake) -> dict:
+        cfg = self.cfg
+        self.opt_d.zero_grad(set_to_none=True)
+        if cfg.backend == "fused":
+            penalty = {"wgan-gp": "gp", "wgan-div": "div"}.get(cfg.loss)
+            kw = {}
+            if penalty == "gp":
+                kw = dict(weight=self.penalty_weight)
+            elif penalty == "div":
+                kw = dict(weight=self.penalty_weight, p=cfg.div_p)
+            loss, stats = critic_loss(self.critic, real, fake, penalty=penalty, generator=self.dev_gen, **kw)
+            loss.backward()
+            self.opt_d.step()  # ClippedRMSprop clamps in the same pass for "wgan"
+            return {"loss_d": loss.detach(), "wasserstein": stats["wasserstein"], "penalty": stats["penalty"]}
+        loss, w, pen = self._eager_critic_loss(real, fake)
+        loss.backward()
+        self.opt_d.step()
+        if cfg.loss == "wgan":
+            for p in self.D.parameters():
+                p.data.clamp_(-cfg.clip_value, cfg.clip_value)
+        return {"loss_d": loss.detach(), "wasserstein": w, "penalty": pen}
+
+    def _eager_critic_loss(self, real, fake):
+        """Plain PyTorch: autograd's double backward; the same random draws as the fused path."""
+        cfg, D = self.cfg, self.D
+        zero = torch.zeros((), device=real.device)
+        if cfg.loss in ("wgan", "sngan"):
+            d_real, d_fake = D(real).mean(), D(fake).mean()
+            return d_fake - d_real, (d_real - d_fake).detach(), zero
+        if cfg.loss == "wgan-gp":
+            d_real, d_fake = D(real).mean(), D(fake).mean()
+            alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), generator=self.dev_gen,
+                               device=real.device)
+            x = (fake + alpha * (real - fake)).requires_grad_(True)
+            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+            pen = self.penalty_weight * (g.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        else:  # wgan-div: k E||grad||^p on real and fake
+            r, f = real.detach().requires_grad_(True), fake.detach().requires_grad_(True)
+            out_r, out_f = D(r), D(f)
+            d_real, d_fake = out_r.mean(), out_f.mean()
+            gr, gf = torch.autograd.grad(out_r.sum() + out_f.sum(), (r, f), create_graph=True)
+            pen = self.penalty_weight * torch.cat([gr, gf]).flatten(1).norm(dim=1).pow(cfg.div_p).mean()
+        return d_fake - d_real + pen, (d_real - d_fake).detach(), pen.detach()
+
+    def _generator_step(self) -> torch.Tensor:
+        self.opt_g.zero_grad(set_to_none=True)
+        loss = -self.D(self.G(self._noise(self.batch))).mean()
+        loss.backward()
+        self.opt_g.step()
+        return loss.detach()
+
+    # ---- evaluation, checkpoints
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.G.eval()
+        fake = self.G(self.eval_z.to(self.device)).cpu()
+        self.G.train()
+        return self.metric_fn(fake, self.eval_real)
+
+    def state(self) -> dict:
+        return {
+            "config": asdict(self.cfg), "step": self.step, "G": self.G.state_dict(), "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "gen": self.gen.get_state(),
+            "dev_gen": self.dev_gen.get_state(), "history": self.history, "evals": self.evals, "wall": self.wall,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.gen.set_state(state["gen"])
+        self.dev_gen.set_state(state["dev_gen"])
+        self.step, self.history, self.evals, self.wall = state["step"], state["history"], state["evals"], state["wall"]
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Atomic: written to a temporary file, then renamed over the old checkpoint."""
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    # ---- the loop
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        out = Path(cfg.out) if cfg.out else None
+        ckpt = out / "checkpoint.pt" if out else None
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.loss}/{cfg.backend}", dynamic_ncols=True)
+        start = time.perf_counter()
+        step0 = self.step
+        while self.step < cfg.steps:
+            for _ in range(cfg.n_critic):
+                real = self.sampler.sample(self.batch, self.gen).to(self.device)
+                with torch.no_grad():
+                    fake = self.G(self._noise(self.batch))
+                stats = self._critic_step(real, fake)
+            loss_g = self._generator_step()
+            loss_d = stats["loss_d"]
+            if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
+                if bar:
+                    bar.close()
+                where = f"the last good checkpoint {ckpt} is intact" if ckpt and ckpt.exists() else "no checkpoint"
+                raise TrainingDiverged(f"{cfg.loss}/{cfg.backend}: non-finite loss at generator step {self.step} "
+                                       f"(critic {loss_d.item()}, generator {loss_g.item()}); {where}")
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                row = {"step": self.step, "loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                       "wasserstein": stats["wasserstein"].item(), "penalty": float(stats["penalty"])}
+                self.history.append(row)
+                if bar:
+                    elapsed = self.wall + time.perf_counter() - start
+                    bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}",
+                                    w=f"{row['wasserstein']:.3f}", refresh=False)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self.evals.append({"step": self.step, self.metric_name: self.evaluate()})
+            if bar:
+                bar.update(1)
+            if ckpt and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self.wall += time.perf_counter() - start
+                start = time.perf_counter()
+                self.save_checkpoint(ckpt)
+        if bar:
+            bar.close()
+        self.wall += time.perf_counter() - start
+        result = self.summary(steps_timed=self.step - step0)
+        if out:
+            (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+            from .plots import save_pictures
+
+            save_pictures(self, out)
+        return result
+
+    def summary(self, steps_timed: int | None = None) -> dict:
+        final = self.evals[-1][self.metric_name] if self.evals else math.nan
+        return {
+            "config": asdict(self.cfg), "metric": self.metric_name, "final_metric": final,
+            "steps": self.step, "wall_s": self.wall,
+            "steps_per_s": (self.step / self.wall) if self.wall > 0 else math.nan,
+            "penalty_weight": self.penalty_weight, "history": self.history, "evals": self.evals,
+        }
+
+
+def _latest_checkpoint(out: str | None) -> Path | None:
+    if not out:
+        return None
+    p = Path(out) / "checkpoint.pt"
+    return p if p.exists() else None
+
+
+def train(cfg: TrainConfig | None = None, *, data=None, resume: bool = False, **overrides) -> dict:
+    """Trains one GAN and returns its summary (final metric, steps/s, history). ``data``: an
+    embedded dataset name, a tensor or a TensorDataset (overrides ``cfg.dataset``). ``resume``:
+    continue from ``out/checkpoint.pt`` (the same numbers as an uninterrupted run on CPU).
+    The models are in ``result["trainer"]``."""
+    cfg = cfg or TrainConfig()
+    for k, v in overrides.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"{k}: not a TrainConfig field")
+        setattr(cfg, k, v)
+    trainer = Trainer(cfg, data)
+    if resume:
+        ckpt = _latest_checkpoint(cfg.out)
+        if ckpt is None:
+            raise ValueError(f"resume: no checkpoint.pt in out={cfg.out!r}")
+        trainer.load_state(torch.load(ckpt, weights_only=False))
+    result = trainer.fit()
+    result["trainer"] = trainer
+    return result
