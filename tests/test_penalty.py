@@ -125,3 +125,14 @@ def test_bad_input(backend):
         grad_norm_penalty(g, weight=1.0, center=float("nan"), p=2.0, backend=backend)
     with pytest.raises(ValueError, match="one_sided"):
         grad_norm_penalty(g, one_sided="yes", backend=backend, **kw)
+
+
+@pytest.mark.skipif(not available("cpp", "cpu"), reason="extension not built")
+def test_custom_ops_opcheck(gen):
+    """The extension's kernels are torch.library custom ops: schemas and fake kernels check out."""
+    from wgan_kernels.ops.penalty import EPS, _penalty_backward_cpu, _penalty_forward_cpu
+
+    g = shaped((5, 7), "cpu", torch.float32, gen)
+    torch.library.opcheck(_penalty_forward_cpu, (g, 2.0, 0.0, 6.0, False, EPS))
+    _, norms = _penalty_forward_cpu(g, 2.0, 0.0, 6.0, False, EPS)
+    torch.library.opcheck(_penalty_backward_cpu, (g, norms, torch.tensor(1.5), 2.0, 0.0, 6.0, False, EPS))

@@ -130,8 +130,9 @@ def sample_penalty_points(real, fake, strategy: str = "interpolate", generator: 
 
 
 def _supports_input_grad(critic) -> bool:
-    # Duck-typed: any module with the explicit path (the wgan_kernels.nn blocks have it).
-    return callable(getattr(critic, "forward_with_input_grad", None))
+    from .nn import supports_input_grad  # noqa: PLC0415 - the layer below, imported on first use
+
+    return supports_input_grad(critic)
 
 
 def input_gradient(critic, x, *, scaler=None):

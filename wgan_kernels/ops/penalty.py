@@ -173,6 +173,35 @@ def _triton_backward(g2, norms, grad_out, weight, center, p, one_sided):
     return out
 
 
+# ----------------------------------------------------------------------------- extension ops
+# The CPU kernels registered as torch.library custom ops (with fake kernels), so torch.compile
+# traces through them without a graph break.
+
+
+@torch.library.custom_op("wgan_kernels::penalty_forward_cpu", mutates_args=())
+def _penalty_forward_cpu(g2: torch.Tensor, weight: float, center: float, p: float, one_sided: bool,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    penalty, norms = extension().penalty_forward(g2, weight, center, p, one_sided, eps)
+    return penalty, norms
+
+
+@_penalty_forward_cpu.register_fake
+def _(g2, weight, center, p, one_sided, eps):
+    acc = _acc_dtype(g2.dtype)
+    return g2.new_empty((), dtype=acc), g2.new_empty((g2.shape[0],), dtype=acc)
+
+
+@torch.library.custom_op("wgan_kernels::penalty_backward_cpu", mutates_args=())
+def _penalty_backward_cpu(g2: torch.Tensor, norms: torch.Tensor, grad_penalty: torch.Tensor, weight: float,
+                          center: float, p: float, one_sided: bool, eps: float) -> torch.Tensor:
+    return extension().penalty_backward(g2, norms, float(grad_penalty), weight, center, p, one_sided, eps)
+
+
+@_penalty_backward_cpu.register_fake
+def _(g2, norms, grad_penalty, weight, center, p, one_sided, eps):
+    return torch.empty_like(g2)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -184,7 +213,7 @@ class _GradNormPenalty(torch.autograd.Function):
         rows = grads.shape[0]
         g2 = grads.reshape(rows, -1).contiguous()
         if backend == "cpp":
-            penalty, norms = extension().penalty_forward(g2, weight, center, p, one_sided, EPS)
+            penalty, norms = _penalty_forward_cpu(g2, weight, center, p, one_sided, EPS)
         else:  # triton
             phi, norms = _triton_forward(g2, center, p, one_sided)
             penalty = phi.sum() * (weight / rows)
@@ -209,7 +238,7 @@ class _GradNormPenaltyGrad(torch.autograd.Function):
         rows = grads.shape[0]
         g2 = grads.reshape(rows, -1).contiguous()
         if backend == "cpp":
-            out = extension().penalty_backward(g2, norms, float(grad_penalty), weight, center, p, one_sided, EPS)
+            out = _penalty_backward_cpu(g2, norms, grad_penalty.detach(), weight, center, p, one_sided, EPS)
         else:
             out = _triton_backward(g2, norms, grad_penalty, weight, center, p, one_sided)
         ctx.save_for_backward(grads, grad_penalty)

@@ -1,0 +1,50 @@
+"""wgan_kernels.nn: critic layers that compute their input gradient explicitly.
+
+A gradient penalty needs ``grad_x D(x)``; autograd gets it with ``create_graph=True`` and a
+double backward. For critics built from these blocks, ``forward_with_input_grad(x)`` returns
+``(D(x), grad_x D(x).sum())`` from a forward pass plus an explicit backward chain of ordinary
+differentiable ops, so the penalty needs one first-order ``.backward()`` and works under
+``torch.compile``, CUDA graphs and DDP::
+
+    critic = wgan_kernels.nn.from_torch(torch_critic)   # shares torch_critic's Parameters
+    out, grad_x = critic.forward_with_input_grad(x)
+    penalty = ((grad_x.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+Blocks have the torch layers' constructors, parameter names and forwards.
+"""
+
+from .convert import from_torch
+from .layers import (
+    ELU,
+    AvgPool2d,
+    Conv2d,
+    Flatten,
+    InputGradModule,
+    LeakyReLU,
+    Linear,
+    ReLU,
+    Residual,
+    Sequential,
+    SiLU,
+    Softplus,
+    Tanh,
+    supports_input_grad,
+)
+
+__all__ = [
+    "AvgPool2d",
+    "Conv2d",
+    "ELU",
+    "Flatten",
+    "InputGradModule",
+    "LeakyReLU",
+    "Linear",
+    "ReLU",
+    "Residual",
+    "Sequential",
+    "SiLU",
+    "Softplus",
+    "Tanh",
+    "from_torch",
+    "supports_input_grad",
+]

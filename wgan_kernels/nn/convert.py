@@ -1,0 +1,63 @@
+"""``from_torch``: a ``torch.nn`` critic as wgan_kernels.nn blocks that share its Parameters."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from torch import nn
+
+from . import layers
+from .layers import InputGradModule, Residual, Sequential
+
+# Exact types only: a subclass of a torch layer may change its forward, and a parametrized layer
+# (e.g. spectral_norm) has a generated subclass; both must be refused, not converted silently.
+_BLOCKS = {
+    nn.Linear: layers.Linear,
+    nn.Conv2d: layers.Conv2d,
+    nn.LeakyReLU: layers.LeakyReLU,
+    nn.ReLU: layers.ReLU,
+    nn.Softplus: layers.Softplus,
+    nn.ELU: layers.ELU,
+    nn.SiLU: layers.SiLU,
+    nn.Tanh: layers.Tanh,
+    nn.AvgPool2d: layers.AvgPool2d,
+    nn.Flatten: layers.Flatten,
+}
+
+
+def from_torch(module: nn.Module, _path: str = "module") -> InputGradModule:
+    """Converts a ``torch.nn.Sequential`` (nested ones too) of supported torch layers into the
+    wgan_kernels.nn equivalent. The result shares the same Parameter objects (an optimizer on
+    either model trains both) and has the same state_dict keys.
+
+    Supported: Linear, Conv2d (zero padding), LeakyReLU, ReLU, Softplus, ELU, SiLU, Tanh,
+    AvgPool2d, Flatten, Sequential; wgan_kernels.nn blocks pass through (containers are rebuilt
+    around converted children). Anything else raises ``ValueError`` naming the layer's position.
+    """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{_path}: expected a torch.nn.Module, got {type(module).__name__}")
+    if module._forward_hooks or module._forward_pre_hooks:
+        raise ValueError(
+            f"{_path}: {type(module).__name__} has forward hooks, which the explicit path would skip"
+        )
+    if isinstance(module, Residual):
+        shortcut = None if module.shortcut is None else from_torch(module.shortcut, f"{_path}.shortcut")
+        return Residual(from_torch(module.body, f"{_path}.body"), shortcut).train(module.training)
+    if type(module) in (nn.Sequential, Sequential):
+        children = OrderedDict(
+            (name, from_torch(child, f"{_path}[{name}]")) for name, child in module._modules.items()
+        )
+        return Sequential(children).train(module.training)
+    if isinstance(module, InputGradModule):
+        block = module
+    elif type(module) in _BLOCKS:
+        block = _BLOCKS[type(module)]._from_torch(module).train(module.training)
+    else:
+        raise ValueError(
+            f"{_path}: {type(module).__name__} is not supported by wgan_kernels.nn.from_torch "
+            f"(supported: {', '.join(t.__name__ for t in _BLOCKS)}, Sequential)"
+        )
+    reason = block._unsupported(_path)
+    if reason is not None:
+        raise ValueError(reason)
+    return block
