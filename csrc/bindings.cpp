@@ -234,6 +234,41 @@ at::Tensor penalty_backward(const at::Tensor& grads, const at::Tensor& norms, do
   return out.view(grads.sizes());
 }
 
+// ---------------------------------------------------------------- spectral norm (CPU)
+
+// Updates us[i], vs[i] in place; returns the sigmas (float64, one per weight).
+at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& us,
+                            const std::vector<at::Tensor>& vs, int64_t n_power_iterations, double eps) {
+  TORCH_CHECK_VALUE(us.size() == weights.size() && vs.size() == weights.size(),
+                    "weights, us, vs: expected lists of equal length, got ", weights.size(), ", ", us.size(), ", ",
+                    vs.size());
+  TORCH_CHECK_VALUE(n_power_iterations >= 1, "n_power_iterations: expected an int >= 1, got ", n_power_iterations);
+  TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps: expected a finite number > 0, got ", eps);
+  at::Tensor sigmas = at::empty({static_cast<int64_t>(weights.size())}, at::kDouble);
+  double* out = sigmas.data_ptr<double>();
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.device().is_cpu(), "weights[", i, "]: expected a 2-D CPU tensor, got ",
+                      w.dim(), "-D on ", w.device());
+    const wk::DType dtype = kernel_dtype(w, "weights", i);
+    for (const auto* t : {&us[i], &vs[i]}) {
+      const bool is_u = t == &us[i];
+      const int64_t len = is_u ? w.size(0) : w.size(1);
+      TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == len && t->scalar_type() == w.scalar_type() &&
+                            t->device().is_cpu() && t->is_contiguous(),
+                        is_u ? "us[" : "vs[", i, "]: expected a contiguous 1-D CPU tensor of ", len,
+                        " values and dtype ", w.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
+      check_writable(*t, is_u ? "us" : "vs", i);
+    }
+    const at::Tensor wc = w.detach().contiguous();
+    out[i] = wk::cpu::power_iteration(wc.data_ptr(), w.size(0), w.size(1), dtype, us[i].data_ptr(), vs[i].data_ptr(),
+                                      static_cast<int>(n_power_iterations), eps);
+    bump_version(us[i]);
+    bump_version(vs[i]);
+  }
+  return sigmas;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -253,4 +288,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("penalty_backward", &penalty_backward, "Gradient of penalty_forward w.r.t. grads (CPU)", py::arg("grads"),
         py::arg("norms"), py::arg("grad_output"), py::arg("weight"), py::arg("center"), py::arg("p"),
         py::arg("one_sided"), py::arg("eps"));
+  m.def("power_iteration_", &power_iteration_,
+        "Spectral-norm power iteration over a list of 2-D weights, u and v in place; returns sigmas (CPU)",
+        py::arg("weights"), py::arg("us"), py::arg("vs"), py::arg("n_power_iterations"), py::arg("eps"));
 }
