@@ -165,10 +165,12 @@ class LeakyReLU(InputGradModule, nn.LeakyReLU):
     """y = x if x > 0 else slope * x; dx = dy where x > 0, slope * dy elsewhere."""
 
     def _forward_saving(self, x):
-        return F.leaky_relu(x, self.negative_slope), x > 0
+        return F.leaky_relu(x, self.negative_slope), x
 
-    def _input_grad(self, positive, grad_y):
-        return torch.where(positive, grad_y, grad_y * self.negative_slope)
+    def _input_grad(self, x, grad_y):
+        # aten's own backward kernel: one vectorised pass (torch.where with a bool mask is several
+        # times slower on CPU), and differentiable in grad_y (its derivative is itself).
+        return torch.ops.aten.leaky_relu_backward(grad_y, x, self.negative_slope, False)
 
     @classmethod
     def _from_torch(cls, m):
@@ -179,10 +181,10 @@ class ReLU(InputGradModule, nn.ReLU):
     """y = max(x, 0); dx = dy where x > 0, 0 elsewhere."""
 
     def _forward_saving(self, x):
-        return F.relu(x), x > 0
+        return F.relu(x), x
 
-    def _input_grad(self, positive, grad_y):
-        return grad_y.masked_fill(~positive, 0)
+    def _input_grad(self, x, grad_y):
+        return torch.ops.aten.threshold_backward(grad_y, x, 0)  # dy where x > 0, else 0
 
     @classmethod
     def _from_torch(cls, m):
