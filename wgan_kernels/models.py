@@ -58,49 +58,33 @@ def with_random_grads(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
-class _ResBlock(nn.Module):
-    """WGAN-GP's CIFAR-10 critic block: (ReLU) conv3x3 ReLU conv3x3 [mean-pool], plus a
-    shortcut (1x1 conv after/before pooling when shapes change)."""
+def _res_block(c_in: int, c_out: int, *, downsample: bool, first: bool = False):
+    """WGAN-GP's CIFAR-10 critic block: [ReLU] conv3x3 ReLU conv3x3 [mean-pool 2x2] plus a
+    shortcut (identity, or a 1x1 conv with the same pooling when the shape changes)."""
+    from . import nn as wn
 
-    def __init__(self, c_in: int, c_out: int, downsample: bool, first: bool = False):
-        super().__init__()
-        self.first, self.downsample = first, downsample
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1) if (downsample or c_in != c_out) else None
-        self.pool = nn.AvgPool2d(2)
-
-    def forward(self, x):
-        h = x if self.first else torch.relu(x)
-        h = self.conv2(torch.relu(self.conv1(h)))
-        s = x
-        if self.downsample:
-            h = self.pool(h)
-            s = self.shortcut(self.pool(s)) if self.first else self.pool(self.shortcut(s))
-        elif self.shortcut is not None:
-            s = self.shortcut(s)
-        return h + s
+    body = ([] if first else [wn.ReLU()]) + [wn.Conv2d(c_in, c_out, 3, 1, 1), wn.ReLU(),
+                                              wn.Conv2d(c_out, c_out, 3, 1, 1)]
+    shortcut = None
+    if downsample:
+        body.append(wn.AvgPool2d(2))
+        # the optimised first block pools before its 1x1 conv, the others after
+        shortcut = (wn.Sequential(wn.AvgPool2d(2), wn.Conv2d(c_in, c_out, 1)) if first
+                    else wn.Sequential(wn.Conv2d(c_in, c_out, 1), wn.AvgPool2d(2)))
+    return wn.Residual(wn.Sequential(*body), shortcut)
 
 
-class ResNetCritic(nn.Module):
+def resnet32_critic(channels: int = 128) -> nn.Sequential:
     """ResNet-32 critic (WGAN-GP's CIFAR-10 critic): 128 channels, an optimised first block with
-    downsampling, one more downsampling block, two plain blocks, ReLU, global mean pooling,
-    Linear(128, 1); input 3x32x32."""
+    downsampling, one more downsampling block, two plain blocks, ReLU, global mean pooling (an
+    8x8 average pool), Linear(128, 1); input 3x32x32. Built from wgan_kernels.nn blocks, whose
+    forward is plain torch, so it also serves the double-backward baseline."""
+    from . import nn as wn
 
-    def __init__(self, channels: int = 128):
-        super().__init__()
-        self.blocks = nn.Sequential(
-            _ResBlock(3, channels, downsample=True, first=True),
-            _ResBlock(channels, channels, downsample=True),
-            _ResBlock(channels, channels, downsample=False),
-            _ResBlock(channels, channels, downsample=False),
-        )
-        self.linear = nn.Linear(channels, 1)
-
-    def forward(self, x):
-        h = torch.relu(self.blocks(x))
-        return self.linear(h.mean(dim=(2, 3)))
-
-
-def resnet32_critic() -> ResNetCritic:
-    return ResNetCritic()
+    return wn.Sequential(
+        _res_block(3, channels, downsample=True, first=True),
+        _res_block(channels, channels, downsample=True),
+        _res_block(channels, channels, downsample=False),
+        _res_block(channels, channels, downsample=False),
+        wn.ReLU(), wn.AvgPool2d(8), wn.Flatten(), wn.Linear(channels, 1),
+    )
