@@ -113,6 +113,10 @@ class Trainer:
         if weight is None:
             weight = 2.0 if cfg.loss == "wgan-div" else (0.1 if toy or self.sampler.dim == 2 else 10.0)
         self.penalty_weight = weight
+        self.rank, self.world = _distributed(self.device)
+        if self.batch % self.world:
+            raise ValueError(f"batch_size: {self.batch} does not split evenly over {self.world} processes")
+        self.local = self.batch // self.world  # this process's rows of the global batch
 
         torch.manual_seed(cfg.seed)  # model init: the same for both backends
         self.G, self.D = build_models(self.sampler.dim, self.sampler.shape, cfg.hidden, self.z_dim)
@@ -164,6 +168,31 @@ class Trainer:
     def _noise(self, n):
         return torch.randn(n, self.z_dim, generator=self.gen).to(self.device)
 
+    # ---- data parallel: every process draws the global batch with the same generator and keeps
+    # its rows, so N processes make the same updates as one process on the global batch.
+
+    def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t[self.rank * self.local:(self.rank + 1) * self.local] if self.world > 1 else t
+
+    def _skip_draws(self, n: int) -> None:
+        if n > 0:  # advance the generator as the other processes' rows of a per-sample draw would
+            torch.rand(n, generator=self.dev_gen, device=self.device)
+
+    def _all_reduce_grads(self, module: nn.Module) -> None:
+        """Averages gradients over processes: one all-reduce of all of them, flattened."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def _critic_step(self, real, fake) -> dict:
         cfg = self.cfg
         self.opt_d.zero_grad(set_to_none=True)
@@ -174,12 +203,20 @@ class Trainer:
                 kw = dict(weight=self.penalty_weight)
             elif penalty == "div":
                 kw = dict(weight=self.penalty_weight, p=cfg.div_p)
+            draws = self.local if cfg.loss == "wgan-gp" else 0  # one alpha per penalty point
+            self._skip_draws(self.rank * draws)
             loss, stats = critic_loss(self.critic, real, fake, penalty=penalty, generator=self.dev_gen, **kw)
+            self._skip_draws((self.world - 1 - self.rank) * draws)
             loss.backward()
+            self._all_reduce_grads(self.D)
             self.opt_d.step()  # ClippedRMSprop clamps in the same pass for "wgan"
             return {"loss_d": loss.detach(), "wasserstein": stats["wasserstein"], "penalty": stats["penalty"]}
+        draws = self.local if cfg.loss == "wgan-gp" else 0
+        self._skip_draws(self.rank * draws)
         loss, w, pen = self._eager_critic_loss(real, fake)
+        self._skip_draws((self.world - 1 - self.rank) * draws)
         loss.backward()
+        self._all_reduce_grads(self.D)
         self.opt_d.step()
         if cfg.loss == "wgan":
             for p in self.D.parameters():
@@ -210,8 +247,9 @@ class Trainer:
 
     def _generator_step(self) -> torch.Tensor:
         self.opt_g.zero_grad(set_to_none=True)
-        loss = -self.D(self.G(self._noise(self.batch))).mean()
+        loss = -self.D(self.G(self._local_rows(self._noise(self.batch)))).mean()
         loss.backward()
+        self._all_reduce_grads(self.G)
         self.opt_g.step()
         return loss.detach()
 
@@ -250,12 +288,12 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        out = Path(cfg.out) if cfg.out else None
+        out = Path(cfg.out) if cfg.out and self.rank == 0 else None  # rank 0 writes
         ckpt = out / "checkpoint.pt" if out else None
         if out:
             out.mkdir(parents=True, exist_ok=True)
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.loss}/{cfg.backend}", dynamic_ncols=True)
@@ -263,9 +301,9 @@ class Trainer:
         step0 = self.step
         while self.step < cfg.steps:
             for _ in range(cfg.n_critic):
-                real = self.sampler.sample(self.batch, self.gen).to(self.device)
+                real = self._local_rows(self.sampler.sample(self.batch, self.gen)).to(self.device)
                 with torch.no_grad():
-                    fake = self.G(self._noise(self.batch))
+                    fake = self.G(self._local_rows(self._noise(self.batch)))
                 stats = self._critic_step(real, fake)
             loss_g = self._generator_step()
             loss_d = stats["loss_d"]
@@ -311,6 +349,20 @@ class Trainer:
             "steps_per_s": (self.step / self.wall) if self.wall > 0 else math.nan,
             "penalty_weight": self.penalty_weight, "history": self.history, "evals": self.evals,
         }
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): joins the process group when launched by torchrun (WORLD_SIZE > 1);
+    gloo on CPU, nccl on CUDA."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return 0, 1
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _latest_checkpoint(out: str | None) -> Path | None:
