@@ -84,6 +84,8 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         print(f"wgan-kernels train: {e}", file=sys.stderr)
         return 2
+    if result["trainer"].rank != 0:  # under torchrun, one report
+        return 0
     print(f"{args.loss}/{args.backend} on {args.dataset}: final {result['metric']} {result['final_metric']:.4f}, "
           f"{result['steps_per_s']:.1f} generator steps/s, {result['steps']} steps"
           + (f"; outputs in {args.out}" if args.out else ""))
