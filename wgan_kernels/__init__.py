@@ -8,6 +8,7 @@ plain-PyTorch reference beside it and chooses its backend at one dispatch point
 
 __version__ = "0.1.0"
 
+from . import nn
 from ._backend import resolve as resolve_backend
 from .losses import PRESETS, STRATEGIES, critic_loss, gradient_penalty, sample_penalty_points
 from .ops.clip import ClippedRMSprop, clip_
@@ -21,6 +22,7 @@ __all__ = [
     "clip_",
     "critic_loss",
     "grad_norm_penalty",
+    "nn",
     "gradient_penalty",
     "resolve_backend",
     "sample_penalty_points",
