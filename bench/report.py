@@ -22,7 +22,8 @@ README = HERE.parent / "README.md"
 sys.path.insert(0, str(HERE.parent))
 
 # suite -> the eager baseline implementation; the targets (TARGETS.md) per device type.
-BASELINES = {"clip_": "loop", "ClippedRMSprop": "eager", "critic-step-div": "eager", "critic-step-gp": "eager"}
+BASELINES = {"clip_": "loop", "ClippedRMSprop": "eager", "critic-step-div": "eager", "critic-step-gp": "eager",
+             "SN power iteration": "torch", "SN critic forward": "torch"}
 OURS = ("wgan_kernels", "explicit", "explicit+compile")  # the best of these is compared
 FLOOR_IMPL = {"plain": 2.0}  # floor = 2 x a plain forward + backward (penalty steps)
 TARGETS = {
@@ -34,6 +35,8 @@ TARGETS = {
         ("critic-step-div", "mlp512-b256"): {"ratio": 1.05, "floor": 1.1, "memory": 1.0},
         ("critic-step-div", "mlp128-b64"): {"ratio": 1.3, "memory": 1.0},
         ("critic-step-div", "dcgan64-b64"): {"ratio": 1.05, "floor": 1.15, "memory": 1.0},
+        ("SN power iteration", "dcgan64"): {"ratio": 2.0},
+        ("SN critic forward", "dcgan64-b1"): {"ratio": 2.5},
     },
     "cuda": {
         ("clip_", "dcgan64"): {"ratio": 10.0},
@@ -46,6 +49,8 @@ TARGETS = {
         ("critic-step-gp", "dcgan64-b64"): {"ratio": 2.0},
         ("critic-step-div", "resnet32-b64"): {"ratio": 2.0},
         ("critic-step-gp", "resnet32-b64"): {"ratio": 2.0},
+        ("SN power iteration", "dcgan64"): {"ratio": 5.0, "bandwidth": 0.7},
+        ("SN power iteration", "resnet32"): {"ratio": 5.0, "bandwidth": 0.7},
     },
 }
 
@@ -183,7 +188,7 @@ def tables(paths=None) -> str:
         for r in doc["rows"]:
             by_suite.setdefault(r["suite"], []).append(r)
         for suite, rows in by_suite.items():
-            impls = [i for i in ("loop", "eager", "foreach", *OURS) if any(i in r["median_s"] for r in rows)]
+            impls = [i for i in ("loop", "eager", "torch", "foreach", *OURS) if any(i in r["median_s"] for r in rows)]
             has_floor = any("floor_s" in r for r in rows)
             has_bw = any("bandwidth_GBs" in r for r in rows)
             has_mem = any("memory_ratio" in r for r in rows)

@@ -236,7 +236,8 @@ at::Tensor penalty_backward(const at::Tensor& grads, const at::Tensor& norms, do
 
 // ---------------------------------------------------------------- spectral norm (CPU)
 
-// Updates us[i], vs[i] in place; returns the sigmas (float64, one per weight).
+// Updates us[i], vs[i] in place; returns the sigmas (float64, one per weight). Weights of one
+// dtype go through the kernel together (one parallel region per iteration).
 at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& us,
                             const std::vector<at::Tensor>& vs, int64_t n_power_iterations, double eps) {
   TORCH_CHECK_VALUE(us.size() == weights.size() && vs.size() == weights.size(),
@@ -244,13 +245,13 @@ at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::v
                     vs.size());
   TORCH_CHECK_VALUE(n_power_iterations >= 1, "n_power_iterations: expected an int >= 1, got ", n_power_iterations);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, "eps: expected a finite number > 0, got ", eps);
-  at::Tensor sigmas = at::empty({static_cast<int64_t>(weights.size())}, at::kDouble);
-  double* out = sigmas.data_ptr<double>();
-  for (size_t i = 0; i < weights.size(); ++i) {
+  const size_t n = weights.size();
+  std::vector<at::Tensor> dense(n);  // W as it is when contiguous, else a contiguous copy
+  for (size_t i = 0; i < n; ++i) {
     const at::Tensor& w = weights[i];
     TORCH_CHECK_VALUE(w.dim() == 2 && w.device().is_cpu(), "weights[", i, "]: expected a 2-D CPU tensor, got ",
                       w.dim(), "-D on ", w.device());
-    const wk::DType dtype = kernel_dtype(w, "weights", i);
+    kernel_dtype(w, "weights", i);
     for (const auto* t : {&us[i], &vs[i]}) {
       const bool is_u = t == &us[i];
       const int64_t len = is_u ? w.size(0) : w.size(1);
@@ -260,9 +261,28 @@ at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::v
                         " values and dtype ", w.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
       check_writable(*t, is_u ? "us" : "vs", i);
     }
-    const at::Tensor wc = w.detach().contiguous();
-    out[i] = wk::cpu::power_iteration(wc.data_ptr(), w.size(0), w.size(1), dtype, us[i].data_ptr(), vs[i].data_ptr(),
-                                      static_cast<int>(n_power_iterations), eps);
+    dense[i] = w.detach().contiguous();
+  }
+  at::Tensor sigmas = at::empty({static_cast<int64_t>(n)}, at::kDouble);
+  double* out = sigmas.data_ptr<double>();
+  std::vector<bool> done(n, false);
+  for (size_t i = 0; i < n; ++i) {  // one kernel call per dtype
+    if (done[i]) continue;
+    std::vector<size_t> idx;
+    std::vector<wk::cpu::Matrix> mats;
+    for (size_t j = i; j < n; ++j) {
+      if (done[j] || weights[j].scalar_type() != weights[i].scalar_type()) continue;
+      done[j] = true;
+      idx.push_back(j);
+      mats.push_back(wk::cpu::Matrix{dense[j].data_ptr(), dense[j].size(0), dense[j].size(1), us[j].data_ptr(),
+                                vs[j].data_ptr()});
+    }
+    std::vector<double> sig(mats.size());
+    wk::cpu::power_iteration(mats.data(), static_cast<int>(mats.size()), kernel_dtype(weights[i], "weights", i),
+                             static_cast<int>(n_power_iterations), eps, sig.data());
+    for (size_t k = 0; k < idx.size(); ++k) out[idx[k]] = sig[k];
+  }
+  for (size_t i = 0; i < n; ++i) {
     bump_version(us[i]);
     bump_version(vs[i]);
   }

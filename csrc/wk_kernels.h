@@ -40,14 +40,20 @@ double penalty_forward(const void* g, int64_t rows, int64_t cols, DType dtype, c
 // grad_in of g's dtype; `scale` is grad_output * weight / rows.
 void penalty_backward(const void* g, int64_t rows, int64_t cols, DType dtype, const PenaltySpec& spec,
                       const void* norms, double scale, void* grad_in);
-// Spectral-norm power iteration for one row-major (rows x cols) matrix W, as
-// torch.nn.utils.parametrizations.spectral_norm does it: n times { u = normalize(W v);
-// v = normalize(W^T u) }, normalize(x) = x / max(||x||, eps); u (rows) and v (cols) are updated
-// in place (same dtype as W). One pass over W per iteration gives both W v and W^T (W v); the
-// returned sigma = u . W v_new is computed as ||W^T u||^2 / max(||W^T u||, eps), the same value
-// without another pass. Accumulates in float32 (float64 for Float64).
-double power_iteration(const void* w, int64_t rows, int64_t cols, DType dtype, void* u, void* v, int iterations,
-                       double eps);
+// Spectral-norm power iteration for n row-major (rows_i x cols_i) matrices W_i, as
+// torch.nn.utils.parametrizations.spectral_norm does it: `iterations` times { u = normalize(W v);
+// v = normalize(W^T u) }, normalize(x) = x / max(||x||, eps); u_i (rows_i) and v_i (cols_i) are
+// updated in place (same dtype as W). One pass over W per iteration gives both W v and W^T (W v);
+// sigma_i = u . W v_new is written to sigmas[i] as ||W^T u||^2 / max(||W^T u||, eps), the same
+// value without another pass. All matrices share one parallel region per iteration. Accumulates
+// in float32 (float64 for Float64).
+struct Matrix {
+  const void* w;
+  int64_t rows, cols;
+  void* u;
+  void* v;
+};
+void power_iteration(const Matrix* mats, int n, DType dtype, int iterations, double eps, double* sigmas);
 }  // namespace cpu
 
 namespace cuda {

@@ -32,6 +32,7 @@ PREFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
     "clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
     "rmsprop_clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
     "grad_norm_penalty": {"cpu": ("cpp",), "cuda": ("triton",)},
+    "power_iteration_": {"cpu": ("cpp",), "cuda": ("triton",)},
 }
 
 _ext = None

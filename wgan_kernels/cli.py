@@ -19,7 +19,7 @@ def _cmd_info(args) -> int:
     return 0
 
 
-SUITES = {"clip": "bench_clip.py", "penalty": "bench_penalty.py"}
+SUITES = {"clip": "bench_clip.py", "penalty": "bench_penalty.py", "spectral_norm": "bench_spectral_norm.py"}
 
 
 def _bench_dir():

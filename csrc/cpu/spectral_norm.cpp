@@ -1,6 +1,7 @@
-// CPU spectral-norm power iteration: one pass over W per iteration (W v and W^T W v together,
-// row by row while the row is in cache), the rows split among threads with per-thread partial
-// sums of W^T t. See wk_kernels.h for the contract.
+// CPU spectral-norm power iteration over a list of matrices. Each iteration is one parallel
+// region over row blocks of all matrices (tasks of ~64K values): a task computes t = W v for its
+// rows and, while each row is in cache, its partial W^T t. A short serial step per matrix then
+// sums the partials and normalises u and v. See wk_kernels.h for the contract.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -18,6 +19,8 @@ namespace {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
+constexpr int64_t kTaskValues = int64_t(1) << 16;
+
 // Dot product in 16 independent lanes: a float reduction GCC vectorises without -ffast-math.
 template <typename T, typename A>
 inline A dot_lanes(const T* __restrict__ a, const A* __restrict__ b, int64_t n) {
@@ -33,70 +36,98 @@ inline A dot_lanes(const T* __restrict__ a, const A* __restrict__ b, int64_t n) 
 }
 
 template <typename A>
-A norm_of(const std::vector<A>& x) {
+A norm_of(const A* x, int64_t n) {
   A s = 0;
-  for (A e : x) s += e * e;
+  for (int64_t i = 0; i < n; ++i) s += x[i] * x[i];
   return std::sqrt(s);
 }
 
+struct Task {
+  int mat;
+  int64_t r0, r1;
+  int64_t partial;  // offset of this task's W^T t partial (cols values) in the partial buffer
+};
+
 template <typename T>
-double power_iteration_typed(const T* w, int64_t rows, int64_t cols, T* u_out, T* v_io, int iterations, double eps) {
+void power_iteration_typed(const Matrix* mats, int n, int iterations, double eps, double* sigmas) {
   using A = typename Acc<T>::type;
   const A e = static_cast<A>(eps);
-  std::vector<A> v(cols), t(rows), s(cols);
-  for (int64_t j = 0; j < cols; ++j) v[j] = static_cast<A>(v_io[j]);
-  const int threads = at::get_num_threads();
-  std::vector<std::vector<A>> partial(threads, std::vector<A>(cols));
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
-  A w_norm = 0;
+  std::vector<std::vector<A>> v(n), t(n), s(n);
+  std::vector<Task> tasks;
+  std::vector<std::vector<int>> tasks_of(n);
+  int64_t partial_size = 0;
+  for (int k = 0; k < n; ++k) {
+    const Matrix& m = mats[k];
+    v[k].resize(m.cols);
+    t[k].resize(m.rows);
+    s[k].resize(m.cols);
+    const T* vin = static_cast<const T*>(m.v);
+    for (int64_t j = 0; j < m.cols; ++j) v[k][j] = static_cast<A>(vin[j]);
+    const int64_t pieces = std::clamp<int64_t>(m.rows * m.cols / kTaskValues, 1, m.rows);
+    for (int64_t p = 0; p < pieces; ++p) {
+      tasks_of[k].push_back(static_cast<int>(tasks.size()));
+      tasks.push_back(Task{k, m.rows * p / pieces, m.rows * (p + 1) / pieces, partial_size});
+      partial_size += m.cols;
+    }
+  }
+  std::vector<A> partial(partial_size);
+  std::vector<A> w_norm(n, A(0));
   for (int it = 0; it < iterations; ++it) {
-    for (auto& p : partial) std::fill(p.begin(), p.end(), A(0));
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      A* __restrict__ acc = partial[at::get_thread_num()].data();
-      const A* __restrict__ vv = v.data();
-      for (int64_t i = r0; i < r1; ++i) {
-        const T* __restrict__ row = w + i * cols;
-        const A dot = dot_lanes(row, vv, cols);
-        t[i] = dot;
-        for (int64_t j = 0; j < cols; ++j) acc[j] += dot * static_cast<A>(row[j]);
+    at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b, int64_t e_) {
+      for (int64_t q = b; q < e_; ++q) {
+        const Task& task = tasks[q];
+        const Matrix& m = mats[task.mat];
+        const T* w = static_cast<const T*>(m.w);
+        const A* __restrict__ vv = v[task.mat].data();
+        A* __restrict__ acc = partial.data() + task.partial;
+        A* __restrict__ tt = t[task.mat].data();
+        std::fill(acc, acc + m.cols, A(0));
+        for (int64_t i = task.r0; i < task.r1; ++i) {
+          const T* __restrict__ row = w + i * m.cols;
+          const A dot = dot_lanes(row, vv, m.cols);
+          tt[i] = dot;
+          for (int64_t j = 0; j < m.cols; ++j) acc[j] += dot * static_cast<A>(row[j]);
+        }
       }
     });
-    std::fill(s.begin(), s.end(), A(0));
-    for (const auto& p : partial)
-      for (int64_t j = 0; j < cols; ++j) s[j] += p[j];
-    // u = normalize(W v); W^T u = s / max(||t||, eps); v = normalize(W^T u)
-    const A c = std::max(norm_of(t), e);
-    for (int64_t i = 0; i < rows; ++i) t[i] /= c;  // t is now u
-    for (int64_t j = 0; j < cols; ++j) s[j] /= c;  // s is now W^T u
-    w_norm = norm_of(s);
-    const A d = std::max(w_norm, e);
-    for (int64_t j = 0; j < cols; ++j) v[j] = s[j] / d;
+    for (int k = 0; k < n; ++k) {
+      const Matrix& m = mats[k];
+      A* sk = s[k].data();
+      std::fill(sk, sk + m.cols, A(0));
+      for (int q : tasks_of[k]) {
+        const A* p = partial.data() + tasks[q].partial;
+        for (int64_t j = 0; j < m.cols; ++j) sk[j] += p[j];
+      }
+      // u = normalize(W v); W^T u = s / max(||t||, eps); v = normalize(W^T u)
+      const A c = std::max(norm_of(t[k].data(), m.rows), e);
+      for (int64_t i = 0; i < m.rows; ++i) t[k][i] /= c;  // t is now u
+      for (int64_t j = 0; j < m.cols; ++j) sk[j] /= c;    // s is now W^T u
+      w_norm[k] = norm_of(sk, m.cols);
+      const A d = std::max(w_norm[k], e);
+      for (int64_t j = 0; j < m.cols; ++j) v[k][j] = sk[j] / d;
+    }
   }
-  for (int64_t i = 0; i < rows; ++i) u_out[i] = static_cast<T>(t[i]);
-  for (int64_t j = 0; j < cols; ++j) v_io[j] = static_cast<T>(v[j]);
-  // sigma = u . W v = (W^T u) . v = ||W^T u||^2 / max(||W^T u||, eps)
-  return static_cast<double>(w_norm) * static_cast<double>(w_norm) / std::max<double>(w_norm, eps);
+  for (int k = 0; k < n; ++k) {
+    const Matrix& m = mats[k];
+    T* u_out = static_cast<T*>(m.u);
+    T* v_out = static_cast<T*>(m.v);
+    for (int64_t i = 0; i < m.rows; ++i) u_out[i] = static_cast<T>(t[k][i]);
+    for (int64_t j = 0; j < m.cols; ++j) v_out[j] = static_cast<T>(v[k][j]);
+    // sigma = u . W v = (W^T u) . v = ||W^T u||^2 / max(||W^T u||, eps)
+    const double wn = static_cast<double>(w_norm[k]);
+    sigmas[k] = wn * wn / std::max(wn, eps);
+  }
 }
 
 }  // namespace
 
-double power_iteration(const void* w, int64_t rows, int64_t cols, DType dtype, void* u, void* v, int iterations,
-                       double eps) {
+void power_iteration(const Matrix* mats, int n, DType dtype, int iterations, double eps, double* sigmas) {
   switch (dtype) {
-    case DType::Float32:
-      return power_iteration_typed(static_cast<const float*>(w), rows, cols, static_cast<float*>(u),
-                                   static_cast<float*>(v), iterations, eps);
-    case DType::Float64:
-      return power_iteration_typed(static_cast<const double*>(w), rows, cols, static_cast<double*>(u),
-                                   static_cast<double*>(v), iterations, eps);
-    case DType::Float16:
-      return power_iteration_typed(static_cast<const c10::Half*>(w), rows, cols, static_cast<c10::Half*>(u),
-                                   static_cast<c10::Half*>(v), iterations, eps);
-    case DType::BFloat16:
-      return power_iteration_typed(static_cast<const c10::BFloat16*>(w), rows, cols, static_cast<c10::BFloat16*>(u),
-                                   static_cast<c10::BFloat16*>(v), iterations, eps);
+    case DType::Float32: return power_iteration_typed<float>(mats, n, iterations, eps, sigmas);
+    case DType::Float64: return power_iteration_typed<double>(mats, n, iterations, eps, sigmas);
+    case DType::Float16: return power_iteration_typed<c10::Half>(mats, n, iterations, eps, sigmas);
+    case DType::BFloat16: return power_iteration_typed<c10::BFloat16>(mats, n, iterations, eps, sigmas);
   }
-  return 0;
 }
 
 }  // namespace cpu

@@ -159,8 +159,9 @@ class Trainer:
 
             spectral_norm_all(self.D)
         else:
-            for m in self.D.modules():
-                if isinstance(m, nn.Linear):
+            for m in self.D.modules():  # the layers spectral_norm_all covers
+                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                                  nn.ConvTranspose2d, nn.ConvTranspose3d)):
                     torch.nn.utils.parametrizations.spectral_norm(m)
 
     # ---- one step of each network

@@ -1,0 +1,83 @@
+"""Spectral norm: one power-iteration update for every layer of a critic, and a whole
+training-mode SN-critic forward; torch's parametrization vs wgan_kernels.
+
+Impls:
+  torch        torch.nn.utils.parametrizations.spectral_norm's own power method, layer by layer
+               (power iteration only: its _power_method + sigma, under no_grad)
+  wgan_kernels power_iteration_ over all layers in one call (the same u, v)
+  copy         a copy_ of as many values as all weights: the bytes floor of one pass over W
+For the forward cases: `torch` = a critic with torch's spectral_norm on every layer,
+`wgan_kernels` = spectral_norm_all (one batched iteration per forward), batch 1.
+"""
+
+import pytest
+import torch
+from conftest import DEVICE, QUICK, record
+
+from wgan_kernels.models import dcgan64_critic, resnet32_critic
+from wgan_kernels.ops.spectral_norm import power_iteration_, spectral_norm_all
+
+MODELS = {"dcgan64": (dcgan64_critic, (1, 3, 64, 64)), "resnet32": (resnet32_critic, (1, 3, 32, 32))}
+if QUICK:
+    MODELS.pop("resnet32")
+SN_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+def torch_sn_critic(make):
+    torch.manual_seed(0)
+    critic = make().to(DEVICE)
+    for m in critic.modules():
+        if isinstance(m, SN_TYPES):
+            torch.nn.utils.parametrizations.spectral_norm(m)
+    return critic
+
+
+@pytest.mark.parametrize("impl", ["torch", "wgan_kernels", "copy"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_power_iteration_all_layers(benchmark, model, impl):
+    critic = torch_sn_critic(MODELS[model][0])
+    layers = [m for m in critic.modules() if isinstance(m, SN_TYPES)]
+    sns = [m.parametrizations.weight[0] for m in layers]
+    mats = [sn._reshape_weight_to_matrix(m.parametrizations.weight.original).detach() for sn, m in zip(sns, layers)]
+    us = [sn._u.clone() for sn in sns]
+    vs = [sn._v.clone() for sn in sns]
+    n = sum(w.numel() for w in mats)
+    if impl == "torch":
+        def fn():
+            with torch.no_grad():
+                for sn, w in zip(sns, mats):
+                    sn._power_method(w, 1)
+                    torch.vdot(sn._u, torch.mv(w, sn._v))
+    elif impl == "wgan_kernels":
+        def fn():
+            power_iteration_(mats, us, vs, 1)
+    else:
+        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
+
+        def fn():
+            dst.copy_(src)
+    # bytes floor: each weight read once per iteration (copy: read + write)
+    record(benchmark, suite="SN power iteration", case=model, impl=impl, fn=fn, numel=n, tensors=len(mats),
+           bytes=(2 if impl == "copy" else 1) * 4 * n)
+
+
+@pytest.mark.parametrize("impl", ["torch", "wgan_kernels"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_sn_critic_forward(benchmark, model, impl):
+    make, shape = MODELS[model]
+    if impl == "torch":
+        critic = torch_sn_critic(make)
+    else:
+        torch.manual_seed(0)
+        critic = spectral_norm_all(make().to(DEVICE))
+    critic.train()
+    x = torch.randn(*shape, device=DEVICE)
+    params = list(critic.parameters())
+
+    def fn():
+        with torch.no_grad():
+            params[0].add_(0.0)  # a weight update: u, v must advance (as after an optimizer step)
+        critic(x)
+
+    record(benchmark, suite="SN critic forward", case=f"{model}-b1", impl=impl, fn=fn,
+           numel=sum(p.numel() for p in params), tensors=len(params), bytes=0)

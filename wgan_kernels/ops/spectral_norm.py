@@ -1,0 +1,460 @@
+"""Spectral normalisation: batched power iteration (``power_iteration_``) and the layers on top.
+
+Math (as ``torch.nn.utils.parametrizations.spectral_norm``): for a 2-D weight W (m x n) with
+vectors u (m) and v (n), repeat n_power_iterations times { u = normalize(W v); v = normalize(W^T u) }
+with ``normalize(x) = x / max(||x||, eps)``, then ``sigma = u . (W v)`` and the layer uses W / sigma.
+sigma is differentiable w.r.t. W only (u and v are constants: d sigma / dW = u v^T).
+
+Layers (one file):
+  - kernels: a Triton kernel (CUDA; CPU under ``TRITON_INTERPRET=1``), one program per weight and
+    ONE launch per (device, dtype) group of weights, reading pointer / shape / stride tables; the
+    extension's CPU kernel (``csrc/cpu/spectral_norm.cpp``, ``wgan_kernels._C.power_iteration_``).
+    Both accumulate in float32 (float64 for float64 weights) and return sigma.
+  - ``_Sigma``: the autograd Function that attaches a kernel's sigma to W (gradient ``g * u v^T``,
+    written with torch ops so it is itself differentiable, e.g. under a double backward).
+  - ``power_iteration_reference_``: plain PyTorch, the same ops as torch's parametrization; the
+    oracle and the fallback.
+  - ``power_iteration_``: the public op (checks, dispatch through ``wgan_kernels._backend``).
+  - ``spectral_norm`` / ``spectral_norm_all``: module wrappers (a drop-in for torch's
+    parametrization, and a whole-critic version that batches all layers in one call).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .._backend import extension, resolve
+from .._triton import next_power_of_2, tl, triton
+
+__all__ = [
+    "power_iteration_",
+    "power_iteration_reference_",
+    "spectral_norm",
+    "spectral_norm_all",
+    "SpectralNorm",
+]
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+              nn.ConvTranspose3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_iterations(n_power_iterations) -> int:
+    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
+        raise ValueError(f"n_power_iterations: expected an int >= 1, got {n_power_iterations!r}")
+    return n_power_iterations
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _as_list(items, name: str) -> list:
+    if isinstance(items, torch.Tensor):
+        return [items]
+    try:
+        items = list(items)
+    except TypeError:
+        raise ValueError(f"{name}: expected a tensor or an iterable of tensors, got {type(items).__name__}") from None
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
+    return items
+
+
+def _check_inputs(weights, us, vs, n_power_iterations, eps):
+    n = _check_iterations(n_power_iterations)
+    eps = _check_eps(eps)
+    weights, us, vs = _as_list(weights, "weights"), _as_list(us, "us"), _as_list(vs, "vs")
+    if not (len(us) == len(weights) == len(vs)):
+        raise ValueError(f"us, vs: expected one u and one v per weight, got {len(weights)} weights, {len(us)} us, "
+                         f"{len(vs)} vs")
+    for i, (w, u, v) in enumerate(zip(weights, us, vs)):
+        if w.dim() != 2:
+            raise ValueError(f"weights[{i}]: expected a 2-D matrix, got shape {tuple(w.shape)} (flatten conv weights "
+                             "first; 1-D weights are not supported)")
+        if w.dtype not in _DTYPES:
+            raise ValueError(f"weights[{i}]: expected a floating-point tensor (float32, float64, float16, bfloat16), "
+                             f"got {w.dtype}")
+        for name, t, length in (("us", u, w.shape[0]), ("vs", v, w.shape[1])):
+            if t.shape != (length,) or t.dtype != w.dtype or t.device != w.device:
+                raise ValueError(f"{name}[{i}]: expected a 1-D tensor of {length} values, dtype {w.dtype}, device "
+                                 f"{w.device} to match weights[{i}] {tuple(w.shape)}, got {tuple(t.shape)}, "
+                                 f"{t.dtype}, {t.device}")
+            if t.requires_grad:
+                raise ValueError(f"{name}[{i}]: updated in place, so it must not require grad (u and v are buffers, "
+                                 "constants for autograd)")
+    pointers = [t.data_ptr() for t in us + vs if t.numel()]
+    if len(set(pointers)) != len(pointers):
+        raise ValueError("us, vs: every u and v must be its own tensor (two entries share memory)")
+    return weights, us, vs, n, eps
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def _sigma(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``u . (W v)``, differentiable w.r.t. W only (u, v cloned as torch does, so later in-place
+    updates of the buffers do not disturb this graph)."""
+    u = u.clone(memory_format=torch.contiguous_format)
+    v = v.clone(memory_format=torch.contiguous_format)
+    return torch.vdot(u, torch.mv(w, v))
+
+
+def power_iteration_reference_(weights, us, vs, n_power_iterations: int = 1, eps: float = 1e-12) -> list[torch.Tensor]:
+    """Plain PyTorch, the same ops in the same order as torch's ``_SpectralNorm``: updates each u, v
+    in place (in the weight's dtype) and returns ``[u_i . (W_i v_i)]``, differentiable w.r.t. W_i.
+    No argument checks: ``power_iteration_`` does them."""
+    with torch.no_grad():
+        for w, u, v in zip(weights, us, vs):
+            for _ in range(n_power_iterations):
+                u.copy_(F.normalize(torch.mv(w, v), dim=0, eps=eps))
+                v.copy_(F.normalize(torch.mv(w.mT, u), dim=0, eps=eps))
+    return [_sigma(w, u, v) for w, u, v in zip(weights, us, vs)]
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+# One row of int64 per weight in the launch table (see _triton_power_iteration):
+#   W address, u address, v address, rows, cols, W stride 0, W stride 1, u stride, v stride,
+#   offset of this weight's rows + cols values in the float32 (float64) workspace.
+# Addresses (not a concatenated copy) let one launch cover weights of any shapes and strides.
+
+if triton is not None:
+
+    @triton.jit
+    def _power_iteration_kernel(table_ptr, ws_ptr, sigma_ptr, n_iterations, eps, ELEM: tl.constexpr,
+                                ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program per weight. The workspace holds t = W v (rows values) then s = W^T u (cols
+        # values) in the accumulation dtype; the current u is t / c and v is s / d.
+        entry = table_ptr + tl.program_id(0) * 10
+        w_ptr = tl.load(entry + 0).to(tl.pointer_type(ELEM))
+        u_ptr = tl.load(entry + 1).to(tl.pointer_type(ELEM))
+        v_ptr = tl.load(entry + 2).to(tl.pointer_type(ELEM))
+        rows = tl.load(entry + 3)
+        cols = tl.load(entry + 4)
+        w_stride0 = tl.load(entry + 5)
+        w_stride1 = tl.load(entry + 6)
+        u_stride = tl.load(entry + 7)
+        v_stride = tl.load(entry + 8)
+        t_ptr = ws_ptr + tl.load(entry + 9)
+        s_ptr = t_ptr + rows
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+
+        for n0 in range(0, cols, BLOCK_N):  # s = v
+            on = n0 + offs_n
+            tl.store(s_ptr + on, tl.load(v_ptr + on * v_stride, mask=on < cols, other=0.0).to(ACC), mask=on < cols)
+        tl.debug_barrier()
+        c = tl.full((), 1.0, ACC)
+        d = tl.full((), 1.0, ACC)
+        s_sq = tl.zeros((), ACC)
+        for _ in range(n_iterations):
+            # t = W v, with v = s / d
+            t_sq = tl.zeros((), ACC)
+            for m0 in range(0, rows, BLOCK_M):
+                om = m0 + offs_m
+                acc = tl.zeros((BLOCK_M,), ACC)
+                for n0 in range(0, cols, BLOCK_N):
+                    on = n0 + offs_n
+                    mask = (om[:, None] < rows) & (on[None, :] < cols)
+                    w = tl.load(w_ptr + om[:, None] * w_stride0 + on[None, :] * w_stride1, mask=mask, other=0.0)
+                    v = tl.load(s_ptr + on, mask=on < cols, other=0.0) / d
+                    acc += tl.sum(w.to(ACC) * v[None, :], axis=1)
+                tl.store(t_ptr + om, acc, mask=om < rows)
+                t_sq += tl.sum(acc * acc, axis=0)
+            c = tl.maximum(tl.sqrt(t_sq), eps)
+            tl.debug_barrier()
+            # s = W^T u, with u = t / c
+            s_sq = tl.zeros((), ACC)
+            for n0 in range(0, cols, BLOCK_N):
+                on = n0 + offs_n
+                acc = tl.zeros((BLOCK_N,), ACC)
+                for m0 in range(0, rows, BLOCK_M):
+                    om = m0 + offs_m
+                    mask = (om[:, None] < rows) & (on[None, :] < cols)
+                    w = tl.load(w_ptr + om[:, None] * w_stride0 + on[None, :] * w_stride1, mask=mask, other=0.0)
+                    u = tl.load(t_ptr + om, mask=om < rows, other=0.0) / c
+                    acc += tl.sum(w.to(ACC) * u[:, None], axis=0)
+                tl.store(s_ptr + on, acc, mask=on < cols)
+                s_sq += tl.sum(acc * acc, axis=0)
+            d = tl.maximum(tl.sqrt(s_sq), eps)
+            tl.debug_barrier()
+
+        for m0 in range(0, rows, BLOCK_M):  # u = t / c
+            om = m0 + offs_m
+            u = tl.load(t_ptr + om, mask=om < rows, other=0.0) / c
+            tl.store(u_ptr + om * u_stride, u.to(ELEM), mask=om < rows)
+        for n0 in range(0, cols, BLOCK_N):  # v = s / d
+            on = n0 + offs_n
+            v = tl.load(s_ptr + on, mask=on < cols, other=0.0) / d
+            tl.store(v_ptr + on * v_stride, v.to(ELEM), mask=on < cols)
+        # sigma = u . W v_new = (W^T u) . v_new = ||s||^2 / max(||s||, eps): no extra pass over W
+        tl.store(sigma_ptr + tl.program_id(0), s_sq / d)
+
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+                  torch.bfloat16: tl.bfloat16}
+
+
+def _triton_power_iteration(weights, us, vs, n_iterations: int, eps: float) -> torch.Tensor:
+    """One launch for a list of weights of one device and dtype; returns the sigmas (float32, or
+    float64 for float64 weights)."""
+    device, dtype = weights[0].device, weights[0].dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    table, offset = [], 0
+    for w, u, v in zip(weights, us, vs):
+        rows, cols = w.shape
+        table.append([w.data_ptr(), u.data_ptr(), v.data_ptr(), rows, cols, w.stride(0), w.stride(1), u.stride(0),
+                      v.stride(0), offset])
+        offset += rows + cols
+    table = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+    workspace = torch.empty(offset, dtype=acc, device=device)
+    sigmas = torch.empty(len(weights), dtype=acc, device=device)
+    block_m = min(32, next_power_of_2(max(w.shape[0] for w in weights)))
+    block_n = min(128, next_power_of_2(max(w.shape[1] for w in weights)))
+    _power_iteration_kernel[(len(weights),)](table, workspace, sigmas, n_iterations, eps, ELEM=_TL_DTYPES[dtype],
+                                             ACC=_TL_DTYPES[acc], BLOCK_M=block_m, BLOCK_N=block_n)
+    return sigmas
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _Sigma(torch.autograd.Function):
+    """Attaches a kernel's sigma value to W: forward returns ``value`` (0-d, W's dtype), backward
+    gives ``dW = g * outer(u, v)`` (torch ops, so differentiable again; the second derivative of
+    sigma w.r.t. W is 0)."""
+
+    @staticmethod
+    def forward(ctx, value, w, u, v):
+        ctx.save_for_backward(u, v)
+        return value.detach().to(dtype=w.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, v = ctx.saved_tensors
+        return None, grad * torch.outer(u, v), None, None
+
+
+# ----------------------------------------------------------------------------- public op
+
+
+def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 1e-12, *,
+                     backend: str | None = None) -> list[torch.Tensor]:
+    """Spectral-norm power iteration over a list of 2-D weights of any shapes, in place.
+
+    For each W_i (m_i x n_i) with u_i (m_i) and v_i (n_i) of W_i's dtype and device: repeat
+    ``n_power_iterations`` times { u = normalize(W v); v = normalize(W^T u) }, with
+    ``normalize(x) = x / max(||x||, eps)`` — exactly ``torch.nn.utils.parametrizations.spectral_norm``.
+    Returns ``[sigma_i = u_i . (W_i v_i)]`` (0-d tensors of W_i's dtype), differentiable w.r.t.
+    W_i with u_i, v_i held constant (gradient ``u_i v_i^T``).
+
+    ``backend``: ``"auto"`` (default), ``"triton"`` (CUDA; CPU under ``TRITON_INTERPRET=1``; one
+    launch per (device, dtype) group), ``"cpp"`` (CPU) or ``"reference"``. Kernels accumulate in
+    float32 (float64 for float64); the reference computes in the weights' dtype, as torch does.
+    u and v are written in place outside autograd (version counters bumped); they must not
+    require grad.
+    """
+    weights, us, vs, n, eps = _check_inputs(weights, us, vs, n_power_iterations, eps)
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype), []).append(i)
+    sigmas: list[torch.Tensor | None] = [None] * len(weights)
+    for (device, _), idx in groups.items():
+        ws, u_list, v_list = [weights[i] for i in idx], [us[i] for i in idx], [vs[i] for i in idx]
+        name = resolve("power_iteration_", device, backend)
+        if name == "reference":
+            values = power_iteration_reference_(ws, u_list, v_list, n, eps)
+        else:
+            detached = [w.detach() for w in ws]
+            with torch.no_grad():
+                if name == "triton":
+                    raw = _triton_power_iteration(detached, u_list, v_list, n, eps)
+                else:  # "cpp": wants contiguous u, v (it makes W contiguous itself)
+                    dense = [t.contiguous() for t in u_list + v_list]
+                    raw = extension().power_iteration_(detached, dense[:len(ws)], dense[len(ws):], n, eps)
+                    for t, d in zip(u_list + v_list, dense):
+                        if d is not t:
+                            t.copy_(d)
+            for t in u_list + v_list:
+                torch.autograd.graph.increment_version(t)
+            values = [_Sigma.apply(raw[k], w, u.clone(), v.clone())
+                      for k, (w, u, v) in enumerate(zip(ws, u_list, v_list))]
+        for i, s in zip(idx, values):
+            sigmas[i] = s
+    return sigmas
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class SpectralNorm(nn.Module):
+    """The parametrization ``spectral_norm`` registers: ``weight -> weight / sigma``.
+
+    Same buffers (``_u``, ``_v``), initialisation (same RNG draws, 15 warm-up iterations), weight
+    flattening (``dim``) and train/eval behaviour as torch's ``_SpectralNorm``; the iteration goes
+    through ``power_iteration_``. 1-D weights are normalised (``weight / ||weight||``) as torch does.
+    When ``spectral_norm_all`` batches a critic, ``batched`` is True: the critic's forward pre-hook
+    advances u, v for all layers at once and leaves this layer's sigma in ``_cached_sigma``.
+    """
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+        super().__init__()
+        self.n_power_iterations = _check_iterations(n_power_iterations)
+        self.eps = _check_eps(eps)
+        ndim = weight.dim()
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (-max(ndim, 1) <= dim < max(ndim, 1)):
+            raise ValueError(f"dim: expected an int in [-{max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim!r}")
+        self.dim = dim % ndim if ndim else 0
+        self.batched = False
+        self._cached_sigma: torch.Tensor | None = None
+        if ndim > 1:
+            mat = self.to_matrix(weight)
+            # The same draws in the same order as torch, so a seeded init gives the same u, v.
+            u = mat.new_empty(mat.shape[0]).normal_(0, 1)
+            v = mat.new_empty(mat.shape[1]).normal_(0, 1)
+            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
+            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
+            with torch.no_grad():  # warm-up as torch (the reference: the same numbers as torch)
+                power_iteration_reference_([mat.detach()], [self._u], [self._v], 15, self.eps)
+
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 2-D matrix whose spectral norm is taken: ``dim`` first, the rest flattened."""
+        if self.dim != 0:
+            weight = weight.movedim(self.dim, 0)
+        return weight.flatten(1)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        if self._cached_sigma is not None:
+            sigma = self._cached_sigma
+        elif self.training and not self.batched:
+            sigma = power_iteration_([self.to_matrix(weight)], [self._u], [self._v], self.n_power_iterations,
+                                     self.eps)[0]
+        else:  # eval mode, or a batched layer used outside its critic's forward: u, v frozen
+            sigma = _sigma(self.to_matrix(weight), self._u, self._v)
+        return weight / sigma
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, batched={self.batched}"
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
+                  dim: int | None = None) -> nn.Module:
+    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm``; returns ``module``.
+
+    Registers ``SpectralNorm`` with ``torch.nn.utils.parametrize``, so the state dict keys are
+    torch's (``parametrizations.<name>.original``, ``parametrizations.<name>.0._u`` / ``._v``) and
+    checkpoints load both ways. ``dim`` defaults to 1 for ConvTranspose layers, else 0. In training
+    mode every access to ``module.<name>`` runs ``n_power_iterations`` of ``power_iteration_``
+    (dispatched to a kernel); in eval mode u and v are frozen.
+    """
+    _check_iterations(n_power_iterations)
+    _check_eps(eps)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module: expected an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected a str, got {name!r}")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"name: module {type(module).__name__} has no parameter or buffer {name!r}")
+    if weight.dim() == 0 or weight.dtype not in _DTYPES:
+        raise ValueError(f"name: {type(module).__name__}.{name} must be a floating tensor with at least 1 dim, got "
+                         f"shape {tuple(weight.shape)} and {weight.dtype}")
+    if dim is None:
+        dim = 1 if isinstance(module, _TRANSPOSED) else 0
+    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module
+
+
+class _OneIterationPerStep:
+    """The critic hooks of ``spectral_norm_all``: before each forward in training mode, one batched
+    ``power_iteration_`` over every layer whose weight changed since the last one (all of them
+    after an optimizer step), and every layer's sigma cached for that forward; after it, the cache
+    is cleared. A plain object (not a closure) so that ``copy.deepcopy(critic)`` copies it along
+    with the layers it points at."""
+
+    def __init__(self, layers: list[nn.Module], name: str):
+        self.layers = layers
+        self.name = name
+        self.seen_versions: list[int | None] = [None] * len(layers)
+
+    def _parts(self, layer):
+        original = getattr(layer.parametrizations, self.name).original
+        return original, getattr(layer.parametrizations, self.name)[0]
+
+    def before(self, critic, args):
+        parts = [self._parts(layer) for layer in self.layers]
+        if critic.training:
+            stale = [k for k, (w, _) in enumerate(parts) if w._version != self.seen_versions[k]]
+            by_settings: dict[tuple, list[int]] = {}
+            for k in stale:
+                sn = parts[k][1]
+                by_settings.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
+            for (n, eps), ks in by_settings.items():
+                mats = [parts[k][1].to_matrix(parts[k][0]) for k in ks]
+                sigmas = power_iteration_(mats, [parts[k][1]._u for k in ks], [parts[k][1]._v for k in ks], n, eps)
+                for k, sigma in zip(ks, sigmas):
+                    parts[k][1]._cached_sigma = sigma
+                    self.seen_versions[k] = parts[k][0]._version
+        for w, sn in parts:
+            if sn._cached_sigma is None:
+                sn._cached_sigma = _sigma(sn.to_matrix(w), sn._u, sn._v)
+
+    def after(self, critic, args, output):
+        for layer in self.layers:
+            self._parts(layer)[1]._cached_sigma = None
+
+
+def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12,
+                      per_access: bool = False) -> nn.Module:
+    """Spectral norm on every Linear / Conv1d-3d / ConvTranspose1d-3d layer of ``critic``; returns it.
+
+    Each layer gets ``spectral_norm(layer)`` (torch-compatible state dict). Then:
+
+    - ``per_access=False`` (default): u and v advance ONCE PER WEIGHT UPDATE, in one batched
+      ``power_iteration_`` over all layers (one kernel launch per device/dtype), run by a forward
+      pre-hook on ``critic``. The first training-mode forward after the weights change (an
+      optimizer step, a state-dict load) iterates; further forwards on the same weights (D(real),
+      D(fake), D(interpolates) in one critic step) reuse u and v. Every forward computes fresh
+      sigmas (one ``u . W v`` per layer) so each forward has its own autograd graph. A layer's
+      weight read outside ``critic``'s forward uses the current u, v without iterating.
+    - ``per_access=True``: torch's behaviour: every access to a layer's weight in training mode
+      iterates (three forwards in a critic step = three iterations), one call per layer.
+
+    Eval mode freezes u and v in both. A critic whose layer already has a parametrization on
+    ``weight`` is refused.
+    """
+    _check_iterations(n_power_iterations)
+    _check_eps(eps)
+    if not isinstance(critic, nn.Module):
+        raise ValueError(f"critic: expected an nn.Module, got {type(critic).__name__}")
+    layers = [m for m in critic.modules() if isinstance(m, _SN_LAYERS)]
+    for m in layers:
+        if parametrize.is_parametrized(m, "weight"):
+            raise ValueError(f"critic: layer {m} already has a parametrization on 'weight' (spectral norm applied "
+                             "twice?)")
+    for m in layers:
+        spectral_norm(m, n_power_iterations=n_power_iterations, eps=eps)
+    if not per_access and layers:
+        hooks = _OneIterationPerStep(layers, "weight")
+        for m in layers:
+            m.parametrizations.weight[0].batched = True
+        critic.register_forward_pre_hook(hooks.before)
+        critic.register_forward_hook(hooks.after, always_call=True)
+    return critic
