@@ -75,8 +75,9 @@ def test_sn_critic_forward(benchmark, model, impl):
     params = list(critic.parameters())
 
     def fn():
-        with torch.no_grad():
-            params[0].add_(0.0)  # a weight update: u, v must advance (as after an optimizer step)
+        with torch.no_grad():  # a weight update (as after an optimizer step): u, v must advance
+            for p in params:
+                p.add_(0.0)
         critic(x)
 
     record(benchmark, suite="SN critic forward", case=f"{model}-b1", impl=impl, fn=fn,
