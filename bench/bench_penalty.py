@@ -112,7 +112,8 @@ def test_critic_step(benchmark, loss, model, impl):
             def fn():
                 ours_step(explicit, real, fake, loss)
         else:
-            compiled = torch.compile(lambda: ours_step(explicit, real, fake, loss))
+            torch._dynamo.reset()  # a fresh cache: no dynamic-shape recompiles across cases
+            compiled = torch.compile(lambda: ours_step(explicit, real, fake, loss), dynamic=False)
 
             def fn():
                 compiled()

@@ -113,37 +113,43 @@ def summarize(raw: dict) -> tuple[str, list[dict]]:
         g["bytes"][x["impl"]] = x["bytes"]
         if "peak_bytes" in x:
             g["peak_bytes"][x["impl"]] = x["peak_bytes"]
-    device_type = device.split(":")[0]
-    rows = []
-    for (suite, case), g in groups.items():
-        med = g["median_s"]
-        base = BASELINES[suite]
-        ours = [i for i in OURS if i in med]
-        if ours:
-            best = min(ours, key=med.get)
-            g["best"] = best
-            if base in med:
-                g["ratio"] = med[base] / med[best]
-            if "copy" in med:
-                copy_bw = g["bytes"]["copy"] / med["copy"]
-                g["bandwidth_GBs"] = g["bytes"][best] / med[best] / 1e9
-                g["copy_GBs"] = copy_bw / 1e9
-                g["bandwidth_fraction"] = g["bytes"][best] / med[best] / copy_bw
-            for impl, factor in FLOOR_IMPL.items():
-                if impl in med:
-                    g["floor_s"] = factor * med[impl]
-                    g["over_floor"] = med[best] / g["floor_s"]
-            if best in g["peak_bytes"] and g["peak_bytes"].get(base):
-                g["memory_ratio"] = g["peak_bytes"][best] / g["peak_bytes"][base]
-        target = TARGETS.get(device_type, {}).get((suite, case))
-        if target:
-            g["target"] = target
-            g["met"] = all(_meets(g, k, v) for k, v in target.items())
-        rows.append(g)
-    return device, rows
+    return device, list(groups.values())
+
+
+def derive(g: dict, device_type: str) -> dict:
+    """The figures computed from a row's per-impl medians: best variant, ratio, bandwidth,
+    floor, memory, target and whether it is met."""
+    g = {k: g[k] for k in ("suite", "case", "numel", "tensors", "median_s", "bytes", "peak_bytes")}
+    suite, case, med = g["suite"], g["case"], g["median_s"]
+    base = BASELINES[suite]
+    ours = [i for i in OURS if i in med]
+    if ours:
+        best = min(ours, key=med.get)
+        g["best"] = best
+        if base in med:
+            g["ratio"] = med[base] / med[best]
+        if "copy" in med:
+            copy_bw = g["bytes"]["copy"] / med["copy"]
+            g["bandwidth_GBs"] = g["bytes"][best] / med[best] / 1e9
+            g["copy_GBs"] = copy_bw / 1e9
+            g["bandwidth_fraction"] = g["bytes"][best] / med[best] / copy_bw
+        for impl, factor in FLOOR_IMPL.items():
+            if impl in med:
+                g["floor_s"] = factor * med[impl]
+                g["over_floor"] = med[best] / g["floor_s"]
+        if best in g["peak_bytes"] and g["peak_bytes"].get(base):
+            g["memory_ratio"] = g["peak_bytes"][best] / g["peak_bytes"][base]
+    target = TARGETS.get(device_type, {}).get((suite, case))
+    if target:
+        g["target"] = target
+        g["met"] = all(_meets(g, k, v) for k, v in target.items())
+    return g
 
 
 def merge(raw_paths: list[Path], out_dir: Path = RESULTS) -> Path:
+    """Merges new measurements into the device's results file: per (suite, case), the new
+    implementations' figures replace the old ones of the same implementation, others are kept
+    (so a rerun of some cases updates just those)."""
     from wgan_kernels.info import collect
 
     new_rows: list[dict] = []
@@ -151,16 +157,24 @@ def merge(raw_paths: list[Path], out_dir: Path = RESULTS) -> Path:
     for p in raw_paths:
         device, rows = summarize(json.loads(p.read_text()))
         new_rows += rows
+    device_type = device.split(":")[0]
     label = device_label(device)
-    out = out_dir / f"{slug(device.split(':')[0], label)}.json"
+    out = out_dir / f"{slug(device_type, label)}.json"
     old = json.loads(out.read_text()) if out.exists() else {"rows": []}
-    suites = {r["suite"] for r in new_rows}
+    rows = {(r["suite"], r["case"]): r for r in old["rows"]}
+    for r in new_rows:
+        key = (r["suite"], r["case"])
+        if key in rows:
+            for field in ("median_s", "bytes", "peak_bytes"):
+                rows[key][field] = {**rows[key].get(field, {}), **r[field]}
+        else:
+            rows[key] = r
     info = collect()
     doc = {
         "device": label,
-        "device_type": device.split(":")[0],
+        "device_type": device_type,
         "versions": {k: info[k] for k in ("wgan_kernels", "python", "torch", "torch_cuda", "triton")},
-        "rows": [r for r in old["rows"] if r["suite"] not in suites] + new_rows,
+        "rows": [derive(r, device_type) for r in rows.values()],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
