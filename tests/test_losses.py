@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import DEVICES
 
 import wgan_kernels as wk
 from wgan_kernels.losses import PRESETS, STRATEGIES, gradient_penalty_reference, penalty_config

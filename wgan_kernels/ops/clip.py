@@ -13,11 +13,11 @@ Tensors that are part of a graph (non-leaf and requiring grad) are refused.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 
 import torch
 
 from .._backend import extension, resolve
+from .._checks import as_list, check_tensors
 
 __all__ = ["clip_", "clip_reference_", "ClippedRMSprop", "rmsprop_clip_reference_"]
 
@@ -32,21 +32,6 @@ def _check_clip_value(clip_value, *, allow_none: bool = False) -> float | None:
     if not (math.isfinite(clip_value) and clip_value > 0):
         raise ValueError(f"clip_value: expected a finite number > 0, got {clip_value}")
     return float(clip_value)
-
-
-def _as_list(params, name: str) -> list:
-    if isinstance(params, torch.Tensor):
-        return [params]
-    try:
-        return list(params)
-    except TypeError:
-        raise ValueError(f"{name}: expected a tensor or an iterable of tensors, got {type(params).__name__}") from None
-
-
-def _check_tensors(items: list, name: str) -> None:
-    for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
 
 
 def _check_writable(tensors: list[torch.Tensor], name: str) -> None:
@@ -92,7 +77,7 @@ def clip_(params, clip_value: float = 0.01, *, backend: str | None = None) -> No
     Not differentiable (a parameter update, like an optimizer step).
     """
     c = _check_clip_value(clip_value)
-    tensors = _as_list(params, "params")
+    tensors = as_list(params, "params")
     if not tensors:
         return
     first = tensors[0]
@@ -102,9 +87,9 @@ def clip_(params, clip_value: float = 0.01, *, backend: str | None = None) -> No
             extension().clip_(tensors, c)  # checks dtypes and graphs in C++, same messages
             return
         except TypeError:  # pybind11 could not convert an item: say which, then re-raise
-            _check_tensors(tensors, "params")
+            check_tensors(tensors, "params")
             raise
-    _check_tensors(tensors, "params")
+    check_tensors(tensors, "params")
     _check_writable(tensors, "params")
     clip_reference_(tensors, c)
 

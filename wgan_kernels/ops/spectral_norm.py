@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._backend import extension, resolve
+from .._checks import tensor_list
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = [
@@ -60,23 +61,10 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _as_list(items, name: str) -> list:
-    if isinstance(items, torch.Tensor):
-        return [items]
-    try:
-        items = list(items)
-    except TypeError:
-        raise ValueError(f"{name}: expected a tensor or an iterable of tensors, got {type(items).__name__}") from None
-    for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}[{i}]: expected a tensor, got {type(t).__name__}")
-    return items
-
-
 def _check_inputs(weights, us, vs, n_power_iterations, eps):
     n = _check_iterations(n_power_iterations)
     eps = _check_eps(eps)
-    weights, us, vs = _as_list(weights, "weights"), _as_list(us, "us"), _as_list(vs, "vs")
+    weights, us, vs = tensor_list(weights, "weights"), tensor_list(us, "us"), tensor_list(vs, "vs")
     if not (len(us) == len(weights) == len(vs)):
         raise ValueError(f"us, vs: expected one u and one v per weight, got {len(weights)} weights, {len(us)} us, "
                          f"{len(vs)} vs")

@@ -319,8 +319,7 @@ class Trainer:
                 row = {"step": self.step, "loss_d": loss_d.item(), "loss_g": loss_g.item(),
                        "wasserstein": stats["wasserstein"].item(), "penalty": float(stats["penalty"])}
                 self.history.append(row)
-                if bar:
-                    elapsed = self.wall + time.perf_counter() - start
+                if bar:  # tqdm shows steps/s itself
                     bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}",
                                     w=f"{row['wasserstein']:.3f}", refresh=False)
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
