@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def finite_number(name: str, value, *, low: float | None = None, low_inclusive: bool = True) -> float:
+    """``value`` as a float: a finite real number (not a bool), ``>= low`` (``> low`` when not
+    ``low_inclusive``) when ``low`` is given."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value >= low if low_inclusive else value > low
+    if not ok:
+        bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
+    return float(value)
 
 
 def as_list(items, name: str) -> list:

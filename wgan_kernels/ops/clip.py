@@ -12,12 +12,11 @@ Tensors that are part of a graph (non-leaf and requiring grad) are refused.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .._backend import extension, resolve
-from .._checks import as_list, check_tensors
+from .._checks import as_list, check_tensors, finite_number
 
 __all__ = ["clip_", "clip_reference_", "ClippedRMSprop", "rmsprop_clip_reference_"]
 
@@ -27,11 +26,7 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _check_clip_value(clip_value, *, allow_none: bool = False) -> float | None:
     if clip_value is None and allow_none:
         return None
-    if isinstance(clip_value, bool) or not isinstance(clip_value, (int, float)):
-        raise ValueError(f"clip_value: expected a finite number > 0, got {clip_value!r}")
-    if not (math.isfinite(clip_value) and clip_value > 0):
-        raise ValueError(f"clip_value: expected a finite number > 0, got {clip_value}")
-    return float(clip_value)
+    return finite_number("clip_value", clip_value, low=0, low_inclusive=False)
 
 
 def _check_writable(tensors: list[torch.Tensor], name: str) -> None:
@@ -111,14 +106,6 @@ def rmsprop_clip_reference_(params, grads, square_avgs, steps, *, lr: float, alp
                 p.clamp_(-clip_value, clip_value)
 
 
-def _check_number(name: str, value, *, low: float, low_inclusive: bool = True) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= low if low_inclusive else value > low)
-    if not ok:
-        raise ValueError(f"{name}: expected a finite number {'>=' if low_inclusive else '>'} {low}, got {value!r}")
-    return float(value)
-
-
 class ClippedRMSprop(torch.optim.Optimizer):
     """RMSprop whose ``step()`` also clamps every parameter to ``[-clip_value, clip_value]``,
     in one fused pass over parameters, gradients and state (the original WGAN's critic optimizer).
@@ -133,10 +120,10 @@ class ClippedRMSprop(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 5e-5, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0, clip_value: float | None = 0.01, *, backend: str | None = None):
         defaults = dict(
-            lr=_check_number("lr", lr, low=0.0),
-            alpha=_check_number("alpha", alpha, low=0.0),
-            eps=_check_number("eps", eps, low=0.0),
-            weight_decay=_check_number("weight_decay", weight_decay, low=0.0),
+            lr=finite_number("lr", lr, low=0.0),
+            alpha=finite_number("alpha", alpha, low=0.0),
+            eps=finite_number("eps", eps, low=0.0),
+            weight_decay=finite_number("weight_decay", weight_decay, low=0.0),
             clip_value=_check_clip_value(clip_value, allow_none=True),
         )
         if defaults["alpha"] > 1:

@@ -20,11 +20,11 @@ At ``n_i = 0`` the gradient is defined: ``d phi / d grads_i = phi'(n_i) / n_i * 
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .._backend import extension, resolve
+from .._checks import finite_number
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = ["grad_norm_penalty", "grad_norm_penalty_reference", "EPS"]
@@ -45,12 +45,7 @@ def _check_args(grads, weight, center, p, one_sided) -> tuple[float, float, floa
     if grads.dim() < 1 or grads.shape[0] == 0:
         raise ValueError(f"grads: expected shape (B, ...) with B >= 1, got {tuple(grads.shape)} (empty batch)")
 
-    def number(name, x):
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            raise ValueError(f"{name}: expected a finite number, got {x!r}")
-        return float(x)
-
-    weight, center, p = number("weight", weight), number("center", center), number("p", p)
+    weight, center, p = (finite_number(n, x) for n, x in (("weight", weight), ("center", center), ("p", p)))
     if weight < 0:
         raise ValueError(f"weight: expected a number >= 0, got {weight}")
     if p <= 1:

@@ -21,7 +21,6 @@ Layers (one file):
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._backend import extension, resolve
-from .._checks import tensor_list
+from .._checks import finite_number, tensor_list
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = [
@@ -56,9 +55,7 @@ def _check_iterations(n_power_iterations) -> int:
 
 
 def _check_eps(eps) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps: expected a finite number > 0, got {eps!r}")
-    return float(eps)
+    return finite_number("eps", eps, low=0, low_inclusive=False)
 
 
 def _check_inputs(weights, us, vs, n_power_iterations, eps):
