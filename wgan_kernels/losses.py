@@ -212,7 +212,7 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
         cfg = replace(cfg, weight=cfg.weight * every)
     b = real.shape[0]
     both = torch.cat([real.detach(), fake.detach()])
-    grad_norm = torch.tensor(math.nan)
+    grad_norm = torch.full((), math.nan, device=real.device)  # on the samples' device, like the other stats
     pen = None
     if apply and cfg.sampling in _SHARED_FORWARD:
         out, grad_x = input_gradient(critic, both, scaler=scaler)
