@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -214,7 +216,12 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(const at::Tensor& grads, doub
   const wk::PenaltySpec spec{weight, center, p, eps, one_sided};
   const double total =
       wk::cpu::penalty_forward(g.data_ptr(), rows, g.size(1), kernel_dtype(g, "grads", 0), spec, norms.data_ptr());
-  at::Tensor penalty = at::scalar_tensor(weight * total / static_cast<double>(rows), norms.options());
+  double value = weight * total / static_cast<double>(rows);
+  if (norms.scalar_type() == at::kFloat && std::isfinite(value) &&
+      std::abs(value) > static_cast<double>(std::numeric_limits<float>::max())) {
+    value = std::copysign(std::numeric_limits<double>::infinity(), value);  // overflows to inf, as eager does
+  }
+  at::Tensor penalty = at::scalar_tensor(value, norms.options());
   return {penalty, norms};
 }
 

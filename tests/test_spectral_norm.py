@@ -397,3 +397,35 @@ def test_one_dim_weight_is_normalised_like_torch(gen):
         layer.weight.copy_(torch.randn(6, generator=gen))
     ours, theirs = spectral_norm(copy.deepcopy(layer)), torch_spectral_norm(copy.deepcopy(layer))
     torch.testing.assert_close(ours.weight, theirs.weight, msg=lambda m: f"1-D weight: {m}")
+
+
+def test_power_iteration_under_compile_matches_eager(gen):
+    """Two iterations in one compiled function: each sigma's gradient uses the u, v of its own
+    iteration (a compiled backward that read the final u, v would give a different W gradient)."""
+    w0 = torch.randn(5, 18, generator=gen)
+    u0, v0 = F.normalize(torch.randn(5, generator=gen), dim=0), F.normalize(torch.randn(18, generator=gen), dim=0)
+
+    def f(w, u, v):
+        s1 = power_iteration_([w], [u], [v])[0]
+        s2 = power_iteration_([w.t()], [v], [u])[0]  # a transposed view and swapped vectors too
+        return s1 + 2 * s2
+
+    results = []
+    torch._dynamo.reset()
+    for fn in (f, torch.compile(f)):
+        w, u, v = w0.clone().requires_grad_(), u0.clone(), v0.clone()
+        out = fn(w, u, v)
+        out.backward()
+        results.append((out.detach(), w.grad, u, v))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_power_iteration_custom_op_opcheck(gen):
+    from wgan_kernels.ops.spectral_norm import _power_iteration_op
+
+    backend = "cpp" if "cpp" in backends_for("cpu") else "triton"
+    weights = [torch.randn(4, 6, generator=gen), torch.randn(3, 2, generator=gen)]
+    us = [F.normalize(torch.randn(w.shape[0], generator=gen), dim=0) for w in weights]
+    vs = [F.normalize(torch.randn(w.shape[1], generator=gen), dim=0) for w in weights]
+    torch.library.opcheck(_power_iteration_op, (weights, us, vs, 2, 1e-12, backend))

@@ -30,6 +30,7 @@ from .layers import (
     Tanh,
     supports_input_grad,
 )
+from .spectral import SNConv2d, SNLinear
 
 __all__ = [
     "AvgPool2d",
@@ -41,6 +42,8 @@ __all__ = [
     "Linear",
     "ReLU",
     "Residual",
+    "SNConv2d",
+    "SNLinear",
     "Sequential",
     "SiLU",
     "Softplus",

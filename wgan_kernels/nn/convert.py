@@ -8,9 +8,11 @@ from torch import nn
 
 from . import layers
 from .layers import InputGradModule, Residual, Sequential
+from .spectral import from_torch_spectral
 
 # Exact types only: a subclass of a torch layer may change its forward, and a parametrized layer
-# (e.g. spectral_norm) has a generated subclass; both must be refused, not converted silently.
+# has a generated subclass; both are refused, not converted silently (spectral norm excepted: it
+# becomes an SN block).
 _BLOCKS = {
     nn.Linear: layers.Linear,
     nn.Conv2d: layers.Conv2d,
@@ -31,7 +33,9 @@ def from_torch(module: nn.Module, _path: str = "module") -> InputGradModule:
     either model trains both) and has the same state_dict keys.
 
     Supported: Linear, Conv2d (zero padding), LeakyReLU, ReLU, Softplus, ELU, SiLU, Tanh,
-    AvgPool2d, Flatten, Sequential; wgan_kernels.nn blocks pass through (containers are rebuilt
+    AvgPool2d, Flatten, Sequential; a Linear / Conv2d with spectral norm (torch's
+    parametrization or ``wgan_kernels.spectral_norm``) becomes ``SNLinear`` / ``SNConv2d``
+    sharing its weight and its u, v buffers; wgan_kernels.nn blocks pass through (containers are rebuilt
     around converted children). Anything else raises ``ValueError`` naming the layer's position.
     """
     if not isinstance(module, nn.Module):
@@ -48,7 +52,10 @@ def from_torch(module: nn.Module, _path: str = "module") -> InputGradModule:
             (name, from_torch(child, f"{_path}[{name}]")) for name, child in module._modules.items()
         )
         return Sequential(children).train(module.training)
-    if isinstance(module, InputGradModule):
+    spectral = from_torch_spectral(module, _path)
+    if spectral is not None:
+        block = spectral
+    elif isinstance(module, InputGradModule):
         block = module
     elif type(module) in _BLOCKS:
         block = _BLOCKS[type(module)]._from_torch(module).train(module.training)

@@ -44,8 +44,15 @@ class InputGradModule(nn.Module):
         reason = self._unsupported("module")
         if reason is not None:
             raise ValueError(reason)
-        out, saved = self._forward_saving(x)
-        return out, self._input_grad(saved, torch.ones_like(out))
+        batch = self.__dict__.get("_wk_sn_batch")  # spectral_norm_all's per-step iteration, as a forward would
+        if batch is not None:
+            batch.before(self, (x,))
+        try:
+            out, saved = self._forward_saving(x)
+            return out, self._input_grad(saved, torch.ones_like(out))
+        finally:
+            if batch is not None:
+                batch.after(self, (x,), None)
 
 
 def supports_input_grad(module: nn.Module) -> bool:

@@ -213,6 +213,39 @@ def _triton_power_iteration(weights, us, vs, n_iterations: int, eps: float) -> t
     return sigmas
 
 
+def _kernel_power_iteration(weights, us, vs, n_iterations: int, eps: float, backend: str) -> torch.Tensor:
+    """The kernel of ``backend`` ("triton" or "cpp") on one (device, dtype) group; u, v updated in
+    place; returns the sigmas (float32 / float64)."""
+    if backend == "triton":
+        return _triton_power_iteration(weights, us, vs, n_iterations, eps)
+    dense = [t.contiguous() for t in us + vs]  # the extension wants contiguous u, v (it copes with W)
+    raw = extension().power_iteration_(weights, dense[:len(weights)], dense[len(weights):], n_iterations, eps)
+    for t, d in zip(us + vs, dense):
+        if d is not t:
+            t.copy_(d)
+    return raw
+
+
+# Under torch.compile the kernels are this custom op, so a compiled critic keeps one graph through
+# the power iteration; in eager mode they are called directly (the custom op's dispatch costs more
+# than the kernel on small layers). The op is functional: it returns [sigmas, *new us, *new vs] and
+# the caller copies them into the buffers. (Declaring u, v mutated instead let the compiled backward
+# read u, v as they were after the LAST iteration of the step: wrong sigma gradients.)
+@torch.library.custom_op("wgan_kernels::power_iteration", mutates_args=())
+def _power_iteration_op(weights: list[torch.Tensor], us: list[torch.Tensor], vs: list[torch.Tensor],
+                        n_iterations: int, eps: float, backend: str) -> list[torch.Tensor]:
+    us, vs = [u.clone() for u in us], [v.clone() for v in vs]
+    sigmas = _kernel_power_iteration(weights, us, vs, n_iterations, eps, backend)
+    return [sigmas, *us, *vs]
+
+
+@_power_iteration_op.register_fake
+def _(weights, us, vs, n_iterations, eps, backend):
+    # the extension returns float64 sigmas; the Triton kernel its accumulation dtype
+    acc = torch.float64 if backend == "cpp" or weights[0].dtype == torch.float64 else torch.float32
+    return [weights[0].new_empty((len(weights),), dtype=acc), *(torch.empty_like(t) for t in us + vs)]
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -264,24 +297,40 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
         else:
             detached = [w.detach() for w in ws]
             with torch.no_grad():
-                if name == "triton":
-                    raw = _triton_power_iteration(detached, u_list, v_list, n, eps)
-                else:  # "cpp": wants contiguous u, v (it makes W contiguous itself)
-                    dense = [t.contiguous() for t in u_list + v_list]
-                    raw = extension().power_iteration_(detached, dense[:len(ws)], dense[len(ws):], n, eps)
-                    for t, d in zip(u_list + v_list, dense):
-                        if d is not t:
-                            t.copy_(d)
-            for t in u_list + v_list:
-                torch.autograd.graph.increment_version(t)
-            values = [_Sigma.apply(raw[k], w, u.clone(), v.clone())
-                      for k, (w, u, v) in enumerate(zip(ws, u_list, v_list))]
+                if torch.compiler.is_compiling():
+                    outs = _power_iteration_op(detached, u_list, v_list, n, eps, name)
+                    raw, new = outs[0], outs[1:]
+                    for t, fresh in zip(u_list + v_list, new):
+                        t.copy_(fresh)
+                    saved_us, saved_vs = new[:len(ws)], new[len(ws):]
+                else:
+                    raw = _kernel_power_iteration(detached, u_list, v_list, n, eps, name)
+                    for t in u_list + v_list:
+                        torch.autograd.graph.increment_version(t)
+                    saved_us, saved_vs = [u.clone() for u in u_list], [v.clone() for v in v_list]
+            values = [_Sigma.apply(raw[k], w, u, v) for k, (w, u, v) in enumerate(zip(ws, saved_us, saved_vs))]
         for i, s in zip(idx, values):
             sigmas[i] = s
     return sigmas
 
 
 # ----------------------------------------------------------------------------- modules
+
+
+def initial_vectors(mat: torch.Tensor, eps: float, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """u, v for a new spectral-norm layer with the 2-D weight ``mat``: the same random draws in the
+    same order as torch's parametrization (so a seeded init gives torch's u, v), normalised, then
+    15 warm-up iterations with the reference (the same numbers as torch), plus ``extra``: the
+    iterations of the check forward that ``register_parametrization`` runs (``n_power_iterations``
+    when the layer is in training mode), for layers that are not registered as parametrizations."""
+    mat = mat.detach()
+    u = F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
+    v = F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)
+    with torch.no_grad():
+        power_iteration_reference_([mat], [u], [v], 15, eps)
+        if extra:
+            power_iteration_reference_([mat], [u], [v], extra, eps)
+    return u, v
 
 
 class SpectralNorm(nn.Module):
@@ -305,14 +354,9 @@ class SpectralNorm(nn.Module):
         self.batched = False
         self._cached_sigma: torch.Tensor | None = None
         if ndim > 1:
-            mat = self.to_matrix(weight)
-            # The same draws in the same order as torch, so a seeded init gives the same u, v.
-            u = mat.new_empty(mat.shape[0]).normal_(0, 1)
-            v = mat.new_empty(mat.shape[1]).normal_(0, 1)
-            self.register_buffer("_u", F.normalize(u, dim=0, eps=self.eps))
-            self.register_buffer("_v", F.normalize(v, dim=0, eps=self.eps))
-            with torch.no_grad():  # warm-up as torch (the reference: the same numbers as torch)
-                power_iteration_reference_([mat.detach()], [self._u], [self._v], 15, self.eps)
+            u, v = initial_vectors(self.to_matrix(weight), self.eps)
+            self.register_buffer("_u", u)
+            self.register_buffer("_v", v)
 
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """The 2-D matrix whose spectral norm is taken: ``dim`` first, the rest flattened."""
@@ -380,6 +424,10 @@ class _OneIterationPerStep:
         self.seen_versions: list[int | None] = [None] * len(layers)
 
     def _parts(self, layer):
+        """(W, the object holding u, v, settings and the cached sigma): the layer itself for an SN
+        block of wgan_kernels.nn, else its SpectralNorm parametrization."""
+        if not parametrize.is_parametrized(layer, self.name):
+            return layer.weight, layer
         original = getattr(layer.parametrizations, self.name).original
         return original, getattr(layer.parametrizations, self.name)[0]
 
@@ -424,22 +472,45 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
 
     Eval mode freezes u and v in both. A critic whose layer already has a parametrization on
     ``weight`` is refused.
+
+    A critic of ``wgan_kernels.nn`` blocks keeps its explicit input-gradient path: its ``Linear``
+    and ``Conv2d`` blocks are replaced by ``SNLinear`` / ``SNConv2d`` (sharing their Parameters,
+    1/sigma folded into the output; state dict keys as torch's), and SN blocks already there join
+    the batched iteration. u, v are drawn layer by layer in module order, as torch would draw them.
     """
+    from ..nn.layers import Conv2d as BlockConv2d
+    from ..nn.layers import InputGradModule
+    from ..nn.layers import Linear as BlockLinear
+    from ..nn.spectral import SN_BLOCKS, _sn_block_from
+
     _check_iterations(n_power_iterations)
     _check_eps(eps)
     if not isinstance(critic, nn.Module):
         raise ValueError(f"critic: expected an nn.Module, got {type(critic).__name__}")
-    layers = [m for m in critic.modules() if isinstance(m, _SN_LAYERS)]
-    for m in layers:
-        if parametrize.is_parametrized(m, "weight"):
-            raise ValueError(f"critic: layer {m} already has a parametrization on 'weight' (spectral norm applied "
-                             "twice?)")
-    for m in layers:
-        spectral_norm(m, n_power_iterations=n_power_iterations, eps=eps)
+    if "_wk_sn_batch" in critic.__dict__:
+        raise ValueError("critic: spectral_norm_all was already applied to it")
+    named = list(critic.named_modules())
+    for name, m in named:
+        if isinstance(m, _SN_LAYERS) and not isinstance(m, SN_BLOCKS) and parametrize.is_parametrized(m, "weight"):
+            raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has a parametrization "
+                             "on 'weight' (spectral norm applied twice?)")
+    layers = []
+    for name, m in named:
+        if isinstance(m, SN_BLOCKS):
+            layers.append(m)
+        elif name and type(m) in (BlockLinear, BlockConv2d):  # swap in the SN block, in its parent
+            parent_name, _, child = name.rpartition(".")
+            block = _sn_block_from(m, n_power_iterations, eps)
+            setattr(critic.get_submodule(parent_name), child, block)
+            layers.append(block)
+        elif isinstance(m, _SN_LAYERS):
+            layers.append(spectral_norm(m, n_power_iterations=n_power_iterations, eps=eps))
     if not per_access and layers:
         hooks = _OneIterationPerStep(layers, "weight")
         for m in layers:
-            m.parametrizations.weight[0].batched = True
+            hooks._parts(m)[1].batched = True
         critic.register_forward_pre_hook(hooks.before)
         critic.register_forward_hook(hooks.after, always_call=True)
+        if isinstance(critic, InputGradModule):  # forward_with_input_grad runs the hooks too
+            critic._wk_sn_batch = hooks
     return critic

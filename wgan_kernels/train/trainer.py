@@ -17,11 +17,16 @@ import torch
 from torch import nn
 
 from .. import ClippedRMSprop, critic_loss
+from ..losses import STRATEGIES, sample_penalty_points
 from . import datasets as ds
 from .metrics import metric_for
 
 LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
 BACKENDS = ("fused", "eager")
+DEFAULT_SAMPLING = {"wgan-gp": "interpolate", "wgan-div": "real+fake"}
+# r(x) strategies whose draws split by rows, so N processes draw what one process would; the others
+# pair rows across the whole batch (shuffles, batch std) and would need the global batch.
+_ROW_WISE_DRAWS = {"interpolate": 1, "real": 0, "fake": 0, "real+fake": 0}
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,6 +46,7 @@ class TrainConfig:
     z_dim: int | None = None        # 2 for 2-D data, 32 otherwise
     penalty_weight: float | None = None  # GP: 0.1 on 2-D data (WGAN-GP toys), 10 otherwise; div: k 2
     div_p: float = 6.0
+    sampling: str | None = None     # r(x) for wgan-gp / wgan-div: None = "interpolate" (GP), "real+fake" (div)
     clip_value: float = 0.01
     seed: int = 0
     eval_every: int = 100
@@ -62,6 +68,15 @@ def _check(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    if cfg.sampling is not None:
+        if cfg.loss not in ("wgan-gp", "wgan-div"):
+            raise ValueError(f"sampling: only for wgan-gp and wgan-div, not {cfg.loss!r}")
+        if cfg.sampling not in STRATEGIES:
+            raise ValueError(f"sampling: expected one of {STRATEGIES}, got {cfg.sampling!r}")
+    if cfg.penalty_weight is not None and not (math.isfinite(cfg.penalty_weight) and cfg.penalty_weight >= 0):
+        raise ValueError(f"penalty_weight: expected a finite number >= 0, got {cfg.penalty_weight!r}")
+    if not (math.isfinite(cfg.div_p) and cfg.div_p > 1):
+        raise ValueError(f"div_p: expected a finite number > 1, got {cfg.div_p!r}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -117,6 +132,10 @@ class Trainer:
         if self.batch % self.world:
             raise ValueError(f"batch_size: {self.batch} does not split evenly over {self.world} processes")
         self.local = self.batch // self.world  # this process's rows of the global batch
+        self.sampling = cfg.sampling or DEFAULT_SAMPLING.get(cfg.loss)
+        if self.world > 1 and self.sampling is not None and self.sampling not in _ROW_WISE_DRAWS:
+            raise ValueError(f"sampling: {self.sampling!r} pairs rows across the global batch; with "
+                             f"{self.world} processes use one of {tuple(_ROW_WISE_DRAWS)}")
 
         torch.manual_seed(cfg.seed)  # model init: the same for both backends
         self.G, self.D = build_models(self.sampler.dim, self.sampler.shape, cfg.hidden, self.z_dim)
@@ -155,9 +174,13 @@ class Trainer:
 
     def _apply_spectral_norm(self) -> None:
         if self.cfg.backend == "fused":
+            from ..nn import from_torch
             from ..ops.spectral_norm import spectral_norm_all
 
-            spectral_norm_all(self.D)
+            # SNLinear blocks (1/sigma folded into the output, no W / sigma per forward), sharing
+            # D's Parameters, iterated once per weight update for all layers; state-dict keys as
+            # torch's spectral_norm, so checkpoints move between the backends
+            self.D = self.critic = spectral_norm_all(from_torch(self.D))
         else:
             for m in self.D.modules():  # the layers spectral_norm_all covers
                 if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
@@ -201,10 +224,10 @@ class Trainer:
             penalty = {"wgan-gp": "gp", "wgan-div": "div"}.get(cfg.loss)
             kw = {}
             if penalty == "gp":
-                kw = dict(weight=self.penalty_weight)
+                kw = dict(weight=self.penalty_weight, sampling=self.sampling)
             elif penalty == "div":
-                kw = dict(weight=self.penalty_weight, p=cfg.div_p)
-            draws = self.local if cfg.loss == "wgan-gp" else 0  # one alpha per penalty point
+                kw = dict(weight=self.penalty_weight, p=cfg.div_p, sampling=self.sampling)
+            draws = self._draws()
             self._skip_draws(self.rank * draws)
             loss, stats = critic_loss(self.critic, real, fake, penalty=penalty, generator=self.dev_gen, **kw)
             self._skip_draws((self.world - 1 - self.rank) * draws)
@@ -212,7 +235,7 @@ class Trainer:
             self._all_reduce_grads(self.D)
             self.opt_d.step()  # ClippedRMSprop clamps in the same pass for "wgan"
             return {"loss_d": loss.detach(), "wasserstein": stats["wasserstein"], "penalty": stats["penalty"]}
-        draws = self.local if cfg.loss == "wgan-gp" else 0
+        draws = self._draws()
         self._skip_draws(self.rank * draws)
         loss, w, pen = self._eager_critic_loss(real, fake)
         self._skip_draws((self.world - 1 - self.rank) * draws)
@@ -224,6 +247,10 @@ class Trainer:
                 p.data.clamp_(-cfg.clip_value, cfg.clip_value)
         return {"loss_d": loss.detach(), "wasserstein": w, "penalty": pen}
 
+    def _draws(self) -> int:
+        """Random numbers one process draws per critic step for its penalty points."""
+        return _ROW_WISE_DRAWS.get(self.sampling, 0) * self.local if self.world > 1 else 0
+
     def _eager_critic_loss(self, real, fake):
         """Plain PyTorch: autograd's double backward; the same random draws as the fused path."""
         cfg, D = self.cfg, self.D
@@ -231,6 +258,14 @@ class Trainer:
         if cfg.loss in ("wgan", "sngan"):
             d_real, d_fake = D(real).mean(), D(fake).mean()
             return d_fake - d_real, (d_real - d_fake).detach(), zero
+        if self.sampling != DEFAULT_SAMPLING[cfg.loss]:  # another r(x): points drawn as the fused path does
+            d_real, d_fake = D(real).mean(), D(fake).mean()
+            x = sample_penalty_points(real, fake, self.sampling, self.dev_gen).requires_grad_(True)
+            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+            n = g.flatten(1).norm(dim=1)
+            pen = (self.penalty_weight * (n - 1).pow(2).mean() if cfg.loss == "wgan-gp"
+                   else self.penalty_weight * n.pow(cfg.div_p).mean())
+            return d_fake - d_real + pen, (d_real - d_fake).detach(), pen.detach()
         if cfg.loss == "wgan-gp":
             d_real, d_fake = D(real).mean(), D(fake).mean()
             alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), generator=self.dev_gen,
