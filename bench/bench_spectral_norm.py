@@ -7,7 +7,8 @@ Impls:
   wgan_kernels power_iteration_ over all layers in one call (the same u, v)
   copy         a copy_ of as many values as all weights: the bytes floor of one pass over W
 For the forward cases: `torch` = a critic with torch's spectral_norm on every layer,
-`wgan_kernels` = spectral_norm_all (one batched iteration per forward), batch 1.
+`wgan_kernels` = spectral_norm_all on the critic's wgan_kernels.nn twin (SNConv2d / SNLinear
+blocks with 1/sigma folded into the output; one batched iteration per weight update), batch 1.
 """
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from conftest import DEVICE, QUICK, record
 
 from wgan_kernels.models import dcgan64_critic, resnet32_critic
+from wgan_kernels.nn import from_torch
 from wgan_kernels.ops.spectral_norm import power_iteration_, spectral_norm_all
 
 MODELS = {"dcgan64": (dcgan64_critic, (1, 3, 64, 64)), "resnet32": (resnet32_critic, (1, 3, 32, 32))}
@@ -69,7 +71,7 @@ def test_sn_critic_forward(benchmark, model, impl):
         critic = torch_sn_critic(make)
     else:
         torch.manual_seed(0)
-        critic = spectral_norm_all(make().to(DEVICE))
+        critic = spectral_norm_all(from_torch(make().to(DEVICE)))  # SN blocks: 1/sigma folded into the output
     critic.train()
     x = torch.randn(*shape, device=DEVICE)
     params = list(critic.parameters())

@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE.parent))
 
 # suite -> the eager baseline implementation; the targets (TARGETS.md) per device type.
 BASELINES = {"clip_": "loop", "ClippedRMSprop": "eager", "critic-step-div": "eager", "critic-step-gp": "eager",
-             "SN power iteration": "torch", "SN critic forward": "torch"}
+             "SN power iteration": "torch", "SN critic forward": "torch", "train-step": "eager"}
 OURS = ("wgan_kernels", "explicit", "explicit+compile")  # the best of these is compared
 FLOOR_IMPL = {"plain": 2.0}  # floor = 2 x a plain forward + backward (penalty steps)
 TARGETS = {
@@ -178,7 +178,41 @@ def merge(raw_paths: list[Path], out_dir: Path = RESULTS) -> Path:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
+    chart(doc, out.with_suffix(".png"))
     return out
+
+
+def chart(doc: dict, path: Path) -> None:
+    """Bar chart of every row's ratio (eager / best wgan_kernels variant, log scale), with its
+    ratio target marked: green bars meet it, red ones miss it, grey ones have none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["rows"] if "ratio" in r]
+    if not rows:
+        return
+    labels = [f"{r['suite']} {r['case']}" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    colors = ["grey" if "target" not in r else ("tab:green" if r["met"] else "tab:red") for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(rows) + 1.2))
+    ys = range(len(rows))
+    ax.barh(ys, ratios, color=colors)
+    for y, r in zip(ys, rows):
+        t = r.get("target", {}).get("ratio")
+        if t:
+            ax.plot([t, t], [y - 0.4, y + 0.4], color="black", linewidth=2)
+        ax.text(r["ratio"], y, f" {r['ratio']:.2f}x", va="center", fontsize=7)
+    ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":")
+    ax.set_xscale("log")
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over eager PyTorch (black tick: target; green met, red missed)")
+    ax.set_title(f"wgan_kernels on {doc['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _ms(s: float | None) -> str:
@@ -227,6 +261,10 @@ def tables(paths=None) -> str:
                 cells += [_target_text(t) or "-", "" if not t else ("yes" if r["met"] else "**no**")]
                 lines.append(f"| {' | '.join(cells)} |")
             parts.append("\n".join(lines) + "\n")
+        png = path.with_suffix(".png")
+        if png.exists():
+            rel = f"bench/results/{png.name}" if png.resolve().parent == RESULTS.resolve() else str(png)
+            parts.append(f"![speed-ups on {doc['device']}]({rel})\n")
     return "\n".join(parts)
 
 

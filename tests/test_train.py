@@ -52,6 +52,17 @@ def test_fused_and_eager_agree(loss):
     assert max_diff(fused, eager) < 1e-4
 
 
+@pytest.mark.parametrize("loss,sampling", [("wgan-gp", "interpolate-within"), ("wgan-div", "interpolate")])
+def test_fused_and_eager_agree_on_another_r_of_x(loss, sampling):
+    """sampling= sets the penalty's r(x); both backends draw the same points."""
+    cfg = dict(TINY, steps=4, n_critic=3, hidden=32, sampling=sampling)
+    fused = train(TrainConfig(loss=loss, backend="fused", **cfg))["trainer"]
+    eager = train(TrainConfig(loss=loss, backend="eager", **cfg))["trainer"]
+    default = train(TrainConfig(loss=loss, backend="fused", **dict(cfg, sampling=None)))["trainer"]
+    assert max_diff(fused, eager) < 1e-4
+    assert max_diff(fused, default) > 1e-6  # the strategy did change the training
+
+
 def test_resume_continues_exactly(tmp_path):
     cfg = dict(TINY, steps=6, checkpoint_every=3, eval_every=2, loss="wgan-gp")
     whole = train(TrainConfig(out=str(tmp_path / "whole"), **cfg))
@@ -96,9 +107,12 @@ def test_metrics():
 
 
 def test_bad_config():
-    for field, value in [("loss", "lsgan"), ("backend", "cuda"), ("steps", 0), ("n_critic", -1)]:
+    for field, value in [("loss", "lsgan"), ("backend", "cuda"), ("steps", 0), ("n_critic", -1),
+                         ("sampling", "nope"), ("penalty_weight", -1.0), ("div_p", 1.0)]:
         with pytest.raises(ValueError, match=field):
             train(TrainConfig(**dict(TINY, **{field: value})))
+    with pytest.raises(ValueError, match="sampling: only for wgan-gp and wgan-div"):
+        train(TrainConfig(**dict(TINY, loss="wgan", sampling="real")))
 
 
 def test_cli_train(tmp_path, capsys):
@@ -129,26 +143,42 @@ def _first_step_grads(cfg):
 DDP_CFG = dict(TINY, steps=1, n_critic=1)
 
 
-def _ddp_worker(rank, world, init_file, loss, out_file):
+def _ddp_worker(rank, world, init_file, loss, out_file, sampling=None):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        grads = _first_step_grads(TrainConfig(loss=loss, **DDP_CFG))
+        if sampling == "interpolate-mixed":  # pairs rows across the global batch: refused
+            try:
+                Trainer(TrainConfig(loss=loss, sampling=sampling, **DDP_CFG))
+            except ValueError as e:
+                torch.save(str(e), out_file + f".{rank}")
+            return
+        grads = _first_step_grads(TrainConfig(loss=loss, sampling=sampling, **DDP_CFG))
         if rank == 0:
             torch.save(grads, out_file)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["wgan-div", "wgan-gp"])
-def test_two_processes_match_one_on_the_global_batch(tmp_path, loss):
+@pytest.mark.parametrize("loss,sampling", [("wgan-div", None), ("wgan-gp", None), ("wgan-div", "interpolate")])
+def test_two_processes_match_one_on_the_global_batch(tmp_path, loss, sampling):
     """2 CPU processes (gloo), each on half of the global batch, average to the same critic and
     generator gradients as one process on the whole batch, gradient penalty included."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), loss, str(out)), nprocs=2, join=True)
-    single = _first_step_grads(TrainConfig(loss=loss, **DDP_CFG))
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), loss, str(out), sampling), nprocs=2, join=True)
+    single = _first_step_grads(TrainConfig(loss=loss, sampling=sampling, **DDP_CFG))
     for i, (a, b) in enumerate(zip(torch.load(out), single)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{loss} gradient {i}: {m}")
+
+
+def test_two_processes_refuse_an_r_of_x_that_pairs_rows_across_the_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "err"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), "wgan-gp", str(out), "interpolate-mixed"), nprocs=2,
+             join=True)
+    for rank in (0, 1):
+        assert "sampling: 'interpolate-mixed' pairs rows across the global batch" in torch.load(f"{out}.{rank}")

@@ -19,7 +19,8 @@ def _cmd_info(args) -> int:
     return 0
 
 
-SUITES = {"clip": "bench_clip.py", "penalty": "bench_penalty.py", "spectral_norm": "bench_spectral_norm.py"}
+SUITES = {"clip": "bench_clip.py", "penalty": "bench_penalty.py", "spectral_norm": "bench_spectral_norm.py",
+          "train": "bench_train.py"}
 
 
 def _bench_dir():

@@ -289,6 +289,17 @@ class Trainer:
         self.opt_g.step()
         return loss.detach()
 
+    def train_step(self) -> tuple[dict, torch.Tensor]:
+        """One generator step: ``n_critic`` critic steps on fresh batches, then the generator's.
+        Returns the last critic step's stats and the generator loss (``self.step`` is left to
+        ``fit``)."""
+        for _ in range(self.cfg.n_critic):
+            real = self._local_rows(self.sampler.sample(self.batch, self.gen)).to(self.device)
+            with torch.no_grad():
+                fake = self.G(self._local_rows(self._noise(self.batch)))
+            stats = self._critic_step(real, fake)
+        return stats, self._generator_step()
+
     # ---- evaluation, checkpoints
 
     @torch.no_grad()
@@ -336,12 +347,7 @@ class Trainer:
         start = time.perf_counter()
         step0 = self.step
         while self.step < cfg.steps:
-            for _ in range(cfg.n_critic):
-                real = self._local_rows(self.sampler.sample(self.batch, self.gen)).to(self.device)
-                with torch.no_grad():
-                    fake = self.G(self._local_rows(self._noise(self.batch)))
-                stats = self._critic_step(real, fake)
-            loss_g = self._generator_step()
+            stats, loss_g = self.train_step()
             loss_d = stats["loss_d"]
             if not (torch.isfinite(loss_d) and torch.isfinite(loss_g)):
                 if bar:
