@@ -33,6 +33,8 @@ PREFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
     "rmsprop_clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
     "grad_norm_penalty": {"cpu": ("cpp",), "cuda": ("triton",)},
     "power_iteration_": {"cpu": ("cpp",), "cuda": ("triton",)},
+    # the explicit chain's (bias +) leaky ReLU with a 1-byte mask; on CPU the blocks keep aten's kernels
+    "activation_mask": {"cuda": ("triton",)},
 }
 
 _ext = None

@@ -56,8 +56,8 @@ def format_info(info: dict) -> str:
         f"devices: {'; '.join(info['devices'])}  (CPU threads: {info['cpu_threads']})",
         "environment: " + ", ".join(f"{k}={v if v is not None else 'unset'}" for k, v in info["env"].items()),
         "",
-        f"{'op':<16}{'cpu':<12}{'cuda':<12}",
+        f"{'op':<20}{'cpu':<12}{'cuda':<12}",
     ]
     for op, per_device in info["backends"].items():
-        lines.append(f"{op:<16}{per_device['cpu']:<12}{per_device['cuda']:<12}")
+        lines.append(f"{op:<20}{per_device['cpu']:<12}{per_device['cuda']:<12}")
     return "\n".join(lines)

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ..ops import activation as _act
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -84,6 +86,15 @@ def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _LOW_PRECISION else t
 
 
+class _Mask:
+    """What a LeakyReLU/ReLU saves on the mask path: ``(x > 0)`` as a bool tensor."""
+
+    __slots__ = ("mask",)
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+
 def _not_a_block(path: str, module: nn.Module) -> str:
     return (
         f"{path}: {type(module).__name__} is not supported by wgan_kernels.nn (no explicit input "
@@ -139,6 +150,12 @@ class Conv2d(InputGradModule, nn.Conv2d):
         _check_matches_weight(x, self.weight)
         return self._conv_forward(x, self.weight, self.bias), x.shape[-2:]
 
+    def _forward_saving_without_bias(self, x):
+        """The convolution without its bias, for ``Sequential`` to fuse the bias into the
+        activation that follows (one pass over the output instead of two)."""
+        _check_matches_weight(x, self.weight)
+        return self._conv_forward(x, self.weight, None), x.shape[-2:]
+
     def _input_grad(self, in_size, grad_y):
         padding = self._numeric_padding()
         output_padding = [
@@ -172,9 +189,14 @@ class LeakyReLU(InputGradModule, nn.LeakyReLU):
     """y = x if x > 0 else slope * x; dx = dy where x > 0, slope * dy elsewhere."""
 
     def _forward_saving(self, x):
+        if _act.fused(x.device):  # CUDA: Triton kernels, a 1-byte mask saved instead of x
+            y, mask = _act.leaky_relu_with_mask(x, self.negative_slope, backend="triton")
+            return y, _Mask(mask)
         return F.leaky_relu(x, self.negative_slope), x
 
     def _input_grad(self, x, grad_y):
+        if isinstance(x, _Mask):
+            return _act.masked_scale(grad_y, x.mask, self.negative_slope, backend="triton")
         # aten's own backward kernel: one vectorised pass (torch.where with a bool mask is several
         # times slower on CPU), and differentiable in grad_y (its derivative is itself).
         return torch.ops.aten.leaky_relu_backward(grad_y, x, self.negative_slope, False)
@@ -187,10 +209,17 @@ class LeakyReLU(InputGradModule, nn.LeakyReLU):
 class ReLU(InputGradModule, nn.ReLU):
     """y = max(x, 0); dx = dy where x > 0, 0 elsewhere."""
 
+    negative_slope = 0.0  # for the mask path, shared with LeakyReLU
+
     def _forward_saving(self, x):
+        if _act.fused(x.device):
+            y, mask = _act.leaky_relu_with_mask(x, 0.0, backend="triton")
+            return y, _Mask(mask)
         return F.relu(x), x
 
     def _input_grad(self, x, grad_y):
+        if isinstance(x, _Mask):
+            return _act.masked_scale(grad_y, x.mask, 0.0, backend="triton")
         return torch.ops.aten.threshold_backward(grad_y, x, 0)  # dy where x > 0, else 0
 
     @classmethod
@@ -324,10 +353,20 @@ class Sequential(InputGradModule, nn.Sequential):
         return None
 
     def _forward_saving(self, x):
-        saved = []
-        for layer in self:
+        layers, saved, i = list(self), [], 0
+        while i < len(layers):
+            layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+            if (type(layer) is Conv2d and layer.bias is not None and type(after) in (LeakyReLU, ReLU)
+                    and _act.fused(x.device)):
+                # conv without bias, then bias + activation + mask in one pass
+                z, in_size = layer._forward_saving_without_bias(x)
+                x, mask = _act.leaky_relu_with_mask(z, after.negative_slope, layer.bias, backend="triton")
+                saved += [in_size, _Mask(mask)]
+                i += 2
+                continue
             x, s = layer._forward_saving(x)
             saved.append(s)
+            i += 1
         return x, saved
 
     def _input_grad(self, saved, grad_y):

@@ -1,0 +1,230 @@
+"""Activation masks for the explicit input-gradient chain: (bias +) leaky ReLU saving a 1-byte mask.
+
+On the explicit path (``wgan_kernels.nn``) a LeakyReLU/ReLU layer contributes twice to a critic
+step: its forward ``y = act(z)`` and, in the input-gradient chain, ``dz = dy * act'(z)``. Both
+backward passes of the step (the loss through ``y``, the penalty through ``dz``) then multiply by
+the same ``act'(z)``, which only depends on ``mask = z > 0``. So two small ops cover it:
+
+- ``leaky_relu_with_mask(z, negative_slope, bias=None) -> (y, mask)``: ``y = leaky_relu(z + b)``
+  (``b`` broadcast along dim 1, the channel dim of (N, C, ...) and the feature dim of (B, F))
+  and ``mask = (z + b) > 0`` as ``torch.bool``. The bias add is fused: a convolution run without
+  its bias, then this, replaces conv + bias add + activation (three passes over the output) by
+  conv + one pass. Differentiable in ``z`` and ``b``; the mask is not differentiable.
+- ``masked_scale(g, mask, negative_slope) -> where(mask, g, negative_slope * g)``: the
+  activation's vector-Jacobian product. Linear in ``g`` and self-adjoint, so its backward is the
+  same kernel: derivatives of every order exist.
+
+Saving the 1-byte mask instead of the 2-4 byte pre-activation lets autograd free ``z``.
+The Triton kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``) compute in float32 (float64
+for float64) and round once, like torch's own kernels. On CPU the blocks keep aten's
+``leaky_relu_backward`` on the saved input (already one vectorised pass), and under
+``torch.compile`` the references run so inductor fuses them with their neighbours itself. The
+references below are the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import requested_backend, resolve
+from .._checks import finite_number
+from .._triton import tl, triton
+
+__all__ = ["leaky_relu_with_mask", "leaky_relu_with_mask_reference", "masked_scale", "masked_scale_reference"]
+
+OP = "activation_mask"
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_BLOCK = 1024
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"{name}: expected a floating-point tensor (float32, float64, float16, bfloat16), got {t.dtype}")
+
+
+def _check_slope(negative_slope) -> float:
+    return finite_number("negative_slope", negative_slope)
+
+
+def _check_bias(x: torch.Tensor, bias) -> None:
+    if bias is None:
+        return
+    _check_float("bias", bias)
+    if x.dim() < 2:
+        raise ValueError(f"bias: needs x of shape (N, C, ...) to broadcast along dim 1, got x of shape {tuple(x.shape)}")
+    if bias.shape != (x.shape[1],):
+        raise ValueError(f"bias: expected shape ({x.shape[1]},) (x's dim 1), got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype or bias.device != x.device:
+        raise ValueError(f"bias: expected x's dtype and device ({x.dtype}, {x.device}), got ({bias.dtype}, {bias.device})")
+
+
+def _check_mask(g: torch.Tensor, mask) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask: expected a tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask: expected a torch.bool tensor, got {mask.dtype}")
+    if mask.shape != g.shape:
+        raise ValueError(f"mask: expected the shape of g {tuple(g.shape)}, got {tuple(mask.shape)}")
+    if mask.device != g.device:
+        raise ValueError(f"mask: expected g's device {g.device}, got {mask.device}")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _bias_view(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return bias.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def leaky_relu_with_mask_reference(x, negative_slope: float = 0.01, bias=None):
+    """Plain PyTorch: ``z = x + b`` (dim 1), ``(leaky_relu(z), z > 0)``."""
+    z = x if bias is None else x + _bias_view(x, bias)
+    return torch.nn.functional.leaky_relu(z, negative_slope), z > 0
+
+
+def masked_scale_reference(g, mask, negative_slope: float):
+    """Plain PyTorch: ``where(mask, g, negative_slope * g)``."""
+    return torch.where(mask, g, g * negative_slope)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _leaky_relu_mask_kernel(x_ptr, b_ptr, y_ptr, mask_ptr, n, inner, channels, slope,
+                                HAS_BIAS: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+        acc_t = tl.float64 if F64 else tl.float32
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+        z = x.to(acc_t)
+        if HAS_BIAS:
+            c = (offs // inner) % channels
+            z = (z + tl.load(b_ptr + c, mask=inside, other=0.0).to(acc_t)).to(x.dtype).to(acc_t)
+        positive = z > 0
+        y = tl.where(positive, z, z * slope)
+        tl.store(y_ptr + offs, y.to(x.dtype), mask=inside)
+        tl.store(mask_ptr + offs, positive.to(tl.uint8), mask=inside)
+
+    @triton.jit
+    def _masked_scale_kernel(g_ptr, mask_ptr, out_ptr, n, slope, F64: tl.constexpr, BLOCK: tl.constexpr):
+        acc_t = tl.float64 if F64 else tl.float32
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < n
+        g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(acc_t)
+        m = tl.load(mask_ptr + offs, mask=inside, other=0)
+        out = tl.where(m != 0, g, g * slope)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _triton_leaky_relu_mask(x, bias, slope):
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mask = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    n = x.numel()
+    inner = 1 if x.dim() < 3 else x[0, 0].numel()
+    channels = x.shape[1] if x.dim() >= 2 else 1
+    b = bias.contiguous() if bias is not None else x  # unused pointer when there is no bias
+    _leaky_relu_mask_kernel[(triton.cdiv(n, _BLOCK),)](x, b, y, mask, n, inner, channels, slope,
+                                                        HAS_BIAS=bias is not None, F64=x.dtype == torch.float64,
+                                                        BLOCK=_BLOCK)
+    return y, mask.view(torch.bool)
+
+
+def _triton_masked_scale(g, mask, slope):
+    g = g.contiguous()
+    out = torch.empty_like(g)
+    n = g.numel()
+    _masked_scale_kernel[(triton.cdiv(n, _BLOCK),)](g, mask.contiguous().view(torch.uint8), out, n, slope,
+                                                     F64=g.dtype == torch.float64, BLOCK=_BLOCK)
+    return out
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``where(mask, g, slope g)``; linear and self-adjoint, so the backward is itself."""
+
+    @staticmethod
+    def forward(ctx, g, mask, slope):
+        ctx.save_for_backward(mask)
+        ctx.slope = slope
+        return _triton_masked_scale(g, mask, slope)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (mask,) = ctx.saved_tensors
+        return _MaskedScale.apply(grad_out, mask, ctx.slope), None, None
+
+
+class _LeakyReLUWithMask(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, slope):
+        y, mask = _triton_leaky_relu_mask(x, bias, slope)
+        ctx.save_for_backward(mask)
+        ctx.slope = slope
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mask)
+        return y, mask
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        grad_x = _MaskedScale.apply(grad_y, mask, ctx.slope)
+        grad_b = None
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            dims = [0] + list(range(2, grad_x.dim()))
+            acc = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
+            grad_b = grad_x.sum(dims, dtype=acc).to(grad_x.dtype)
+        return grad_x, grad_b, None
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def fused(device) -> bool:
+    """Whether the blocks should take the mask path on ``device``: the Triton backend resolves
+    (CUDA, or CPU under ``TRITON_INTERPRET=1`` with the backend forced) and we are not inside
+    ``torch.compile`` (where inductor fuses the plain ops itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    name = requested_backend(None)  # WGAN_KERNELS_BACKEND; "cpp"/"reference" keep aten's kernels
+    return name in ("auto", "triton") and resolve(OP, device, name) == "triton"
+
+
+def leaky_relu_with_mask(x, negative_slope: float = 0.01, bias=None, *, backend: str | None = None):
+    """``(leaky_relu(x + bias, negative_slope), (x + bias) > 0)``: ``bias`` (optional, shape (C,))
+    broadcast along dim 1 of ``x`` (N, C, ...), the mask a ``torch.bool`` tensor of ``x``'s shape.
+    ReLU is ``negative_slope=0``. Differentiable w.r.t. ``x`` and ``bias``.
+
+    ``backend``: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"reference"``.
+    """
+    _check_float("x", x)
+    slope = _check_slope(negative_slope)
+    _check_bias(x, bias)
+    if x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    if resolve(OP, x.device, backend) == "reference" or torch.compiler.is_compiling():
+        return leaky_relu_with_mask_reference(x, slope, bias)
+    return _LeakyReLUWithMask.apply(x, bias, slope)
+
+
+def masked_scale(g, mask, negative_slope: float, *, backend: str | None = None):
+    """``where(mask, g, negative_slope * g)``: the vector-Jacobian product of a leaky ReLU whose
+    ``mask`` came from ``leaky_relu_with_mask``. Differentiable (to every order) w.r.t. ``g``.
+
+    ``backend``: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"reference"``.
+    """
+    _check_float("g", g)
+    _check_mask(g, mask)
+    slope = _check_slope(negative_slope)
+    if resolve(OP, g.device, backend) == "reference" or torch.compiler.is_compiling():
+        return masked_scale_reference(g, mask, slope)
+    return _MaskedScale.apply(g, mask, slope)
