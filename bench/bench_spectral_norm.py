@@ -8,12 +8,14 @@ Impls:
   copy         a copy_ of as many values as all weights: the bytes floor of one pass over W
 For the forward cases: `torch` = a critic with torch's spectral_norm on every layer,
 `wgan_kernels` = spectral_norm_all on the critic's wgan_kernels.nn twin (SNConv2d / SNLinear
-blocks with 1/sigma folded into the output; one batched iteration per weight update), batch 1.
+blocks with 1/sigma folded into the output; one batched iteration per weight update), `no-sn` =
+the same critic without spectral norm (the floor), batch 1, each after a weight update; also timed
+round-robin (test_sn_critic_forward_interleaved), whose medians the rows use.
 """
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, record
+from conftest import DEVICE, QUICK, interleaved, record
 
 from wgan_kernels.models import dcgan64_critic, resnet32_critic
 from wgan_kernels.nn import from_torch
@@ -63,15 +65,17 @@ def test_power_iteration_all_layers(benchmark, model, impl):
            bytes=(2 if impl == "copy" else 1) * 4 * n)
 
 
-@pytest.mark.parametrize("impl", ["torch", "wgan_kernels"])
-@pytest.mark.parametrize("model", list(MODELS))
-def test_sn_critic_forward(benchmark, model, impl):
+def build_forward(model, impl):
+    """(step function, params) of a training-mode forward after a weight update, batch 1."""
     make, shape = MODELS[model]
     if impl == "torch":
         critic = torch_sn_critic(make)
-    else:
+    elif impl == "wgan_kernels":
         torch.manual_seed(0)
         critic = spectral_norm_all(from_torch(make().to(DEVICE)))  # SN blocks: 1/sigma folded into the output
+    else:  # no-sn: the same critic without spectral norm, the floor of an SN forward
+        torch.manual_seed(0)
+        critic = make().to(DEVICE)
     critic.train()
     x = torch.randn(*shape, device=DEVICE)
     params = list(critic.parameters())
@@ -82,5 +86,24 @@ def test_sn_critic_forward(benchmark, model, impl):
                 p.add_(0.0)
         critic(x)
 
+    return fn, params
+
+
+FORWARD_IMPLS = ["torch", "wgan_kernels", "no-sn"]
+
+
+@pytest.mark.parametrize("impl", FORWARD_IMPLS)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_sn_critic_forward(benchmark, model, impl):
+    fn, params = build_forward(model, impl)
     record(benchmark, suite="SN critic forward", case=f"{model}-b1", impl=impl, fn=fn,
            numel=sum(p.numel() for p in params), tensors=len(params), bytes=0)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_sn_critic_forward_interleaved(benchmark, model):
+    """The same three forwards timed round-robin (their ratio is within the machine's drift)."""
+    built = {impl: build_forward(model, impl) for impl in FORWARD_IMPLS}
+    params = built["torch"][1]
+    interleaved(benchmark, suite="SN critic forward", case=f"{model}-b1", fns={k: v[0] for k, v in built.items()},
+                rounds=40 if QUICK else 200, numel=sum(p.numel() for p in params), tensors=len(params), bytes=0)

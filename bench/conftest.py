@@ -36,6 +36,32 @@ def record(benchmark, *, suite: str, case: str, impl: str, fn, **extra):
     benchmark(fn)
 
 
+def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, **extra):
+    """Times every implementation of one case round-robin (A B C, C B A, A B C, ...) for
+    ``rounds`` rounds and records the per-impl medians in one pytest-benchmark entry
+    (``impl="interleaved"``). The machine's slow drifts (noisy neighbours) then hit every impl
+    alike, so the ratios are fairer than those of impls timed one after another; report.py uses
+    these medians for the row where they exist."""
+    import time
+
+    fns = {k: timed(f) for k, f in fns.items()}
+    for f in fns.values():  # warm-up
+        for _ in range(3):
+            f()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for k in order if r % 2 == 0 else reversed(order):
+            t = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t)
+    medians = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    benchmark.group = f"{suite}/{case} (interleaved)"
+    benchmark.extra_info.update(suite=suite, case=case, impl="interleaved", device=str(DEVICE), rounds=rounds,
+                                interleaved_median_s=medians, **extra)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
 @pytest.fixture(scope="session")
 def device():
     return DEVICE
