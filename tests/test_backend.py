@@ -101,3 +101,12 @@ def test_info_reports_versions_and_backends(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "wgan_kernels", "info"], capture_output=True, text=True, check=True)
     assert "wgan_kernels" in out.stdout and "clip_" in out.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the GPU bench would run")
+def test_cuda_bench_without_a_gpu_says_so_in_one_line(capsys):
+    assert main(["bench", "--device", "cuda", "--out", "unused"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0] and "nothing was run" in lines[0]

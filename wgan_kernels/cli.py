@@ -43,6 +43,13 @@ def _cmd_bench(args) -> int:
     unknown = [s for s in suites if s not in SUITES]
     if unknown:
         raise SystemExit(f"--suite: unknown {unknown}; choose from {list(SUITES)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("wgan-kernels bench: --device cuda, but torch sees no CUDA device here "
+                  f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}); nothing was run", file=sys.stderr)
+            return 2
     env = dict(os.environ, WGAN_KERNELS_BENCH_DEVICE=args.device, WGAN_KERNELS_BENCH_QUICK="1" if args.quick else "0")
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,7 +63,7 @@ def _cmd_bench(args) -> int:
             print(" ".join(cmd), flush=True)
             rc = subprocess.run(cmd + ["-rf"], cwd=bench.parent, env=env).returncode
             failed = failed or rc != 0
-            if os.path.exists(raw):  # pytest-benchmark writes what did run, failures or not
+            if os.path.exists(raw) and os.path.getsize(raw) > 0:  # what did run, failures or not
                 raws.append(raw)
         if not raws:
             return 1
