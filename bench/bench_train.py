@@ -5,24 +5,29 @@ steps on fresh batches + one generator step, eager PyTorch vs the fused ops (the
 Impls: ``eager`` (plain PyTorch: autograd double backward, torch's RMSprop + clamp loop, torch's
 spectral_norm) and ``wgan_kernels`` (critic_loss on the explicit path, ClippedRMSprop,
 spectral_norm_all on SN blocks). Cases: ``<loss>/<dataset>`` with the trainer's defaults (MLP 256
-wide; batch 256 on the 2-D toy, 64 on digits).
+wide; batch 256 on the 2-D toy, 64 on digits). The two are also timed round-robin
+(test_train_step_interleaved), whose medians the rows use.
 """
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, record
+from conftest import DEVICE, QUICK, interleaved, record
 
 from wgan_kernels.train import LOSSES, TrainConfig, Trainer
 
 DATASETS = ["8gaussians"] if QUICK else ["8gaussians", "digits"]
 
 
+def make_trainer(loss, dataset, impl):
+    backend = "eager" if impl == "eager" else "fused"
+    return Trainer(TrainConfig(loss=loss, dataset=dataset, backend=backend, device=str(DEVICE), progress=False))
+
+
 @pytest.mark.parametrize("impl", ["eager", "wgan_kernels"])
 @pytest.mark.parametrize("dataset", DATASETS)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_train_step(benchmark, loss, dataset, impl):
-    backend = "eager" if impl == "eager" else "fused"
-    trainer = Trainer(TrainConfig(loss=loss, dataset=dataset, backend=backend, device=str(DEVICE), progress=False))
+    trainer = make_trainer(loss, dataset, impl)
     params = sum(p.numel() for p in list(trainer.G.parameters()) + list(trainer.D.parameters()))
 
     def fn():
@@ -31,3 +36,16 @@ def test_train_step(benchmark, loss, dataset, impl):
     record(benchmark, suite="train-step", case=f"{loss}/{dataset}", impl=impl, fn=fn, numel=params,
            tensors=len(list(trainer.D.parameters())), bytes=0)
     assert torch.isfinite(trainer.train_step()[1])
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_train_step_interleaved(benchmark, loss, dataset):
+    trainers = {impl: make_trainer(loss, dataset, impl) for impl in ("eager", "wgan_kernels")}
+    t = trainers["eager"]
+    interleaved(benchmark, suite="train-step", case=f"{loss}/{dataset}",
+                fns={k: v.train_step for k, v in trainers.items()}, rounds=10 if QUICK else 40,
+                numel=sum(p.numel() for p in list(t.G.parameters()) + list(t.D.parameters())),
+                tensors=len(list(t.D.parameters())), bytes=0)
+    for v in trainers.values():
+        assert torch.isfinite(v.train_step()[1])
