@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..ops import activation as _act
+from . import _mlp
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -351,6 +352,14 @@ class Sequential(InputGradModule, nn.Sequential):
             if reason is not None:
                 return reason
         return None
+
+    def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # A Linear/(Leaky)ReLU MLP: one autograd node for the whole chain (nn/_mlp.py)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() and "_wk_sn_batch" not in self.__dict__:
+            mlp = _mlp.plan(self, x)
+            if mlp is not None:
+                return _mlp.forward_with_input_grad(*mlp, x)
+        return super().forward_with_input_grad(x)
 
     def _forward_saving(self, x):
         layers, saved, i = list(self), [], 0

@@ -200,6 +200,21 @@ def _(g2, norms, grad_penalty, weight, center, p, one_sided, eps):
 # ----------------------------------------------------------------------------- autograd
 
 
+def _penalty_grad_kernel(grads, norms, grad_penalty, spec):
+    """``grad_penalty * weight / B * a(n_i) * grads_i`` by the fused kernel of ``spec``'s backend."""
+    weight, center, p, one_sided, backend = spec
+    rows = grads.shape[0]
+    g2 = grads.reshape(rows, -1).contiguous()
+    if backend == "cpp":
+        if torch.compiler.is_compiling():
+            out = _penalty_backward_cpu(g2, norms, grad_penalty.detach(), weight, center, p, one_sided, EPS)
+        else:
+            out = extension().penalty_backward(g2, norms, float(grad_penalty), weight, center, p, one_sided, EPS)
+    else:
+        out = _triton_backward(g2, norms, grad_penalty, weight, center, p, one_sided)
+    return out.view(grads.shape)
+
+
 class _GradNormPenalty(torch.autograd.Function):
     """(penalty, norms) from grads; backward by the fused kernel of the same backend."""
 
@@ -223,7 +238,11 @@ class _GradNormPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_penalty, _grad_norms):
         grads, norms = ctx.saved_tensors
-        return _GradNormPenaltyGrad.apply(grads, norms, grad_penalty, ctx.spec), None, None, None, None, None
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # create_graph: a differentiable node
+            d_grads = _GradNormPenaltyGrad.apply(grads, norms, grad_penalty, ctx.spec)
+        else:  # a first-order backward (the explicit path): the kernel alone, no node to build
+            d_grads = _penalty_grad_kernel(grads, norms, grad_penalty, ctx.spec)
+        return d_grads, None, None, None, None, None
 
 
 class _GradNormPenaltyGrad(torch.autograd.Function):
@@ -232,19 +251,9 @@ class _GradNormPenaltyGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grads, norms, grad_penalty, spec):
-        weight, center, p, one_sided, backend = spec
-        rows = grads.shape[0]
-        g2 = grads.reshape(rows, -1).contiguous()
-        if backend == "cpp":
-            if torch.compiler.is_compiling():
-                out = _penalty_backward_cpu(g2, norms, grad_penalty.detach(), weight, center, p, one_sided, EPS)
-            else:
-                out = extension().penalty_backward(g2, norms, float(grad_penalty), weight, center, p, one_sided, EPS)
-        else:
-            out = _triton_backward(g2, norms, grad_penalty, weight, center, p, one_sided)
         ctx.save_for_backward(grads, grad_penalty)
         ctx.spec = spec
-        return out.view(grads.shape)
+        return _penalty_grad_kernel(grads, norms, grad_penalty, spec)
 
     @staticmethod
     def backward(ctx, grad_out):
