@@ -1,6 +1,6 @@
 // CPU spectral-norm power iteration over a list of matrices. Each iteration is one parallel
 // region over row blocks of all matrices (tasks of ~64K values): a task computes t = W v for its
-// rows and, while each row is in cache, its partial W^T t. A short serial step per matrix then
+// rows and, while the rows are in cache, its partial W^T t (four rows at a time). A short serial step per matrix then
 // sums the partials and normalises u and v. See wk_kernels.h for the contract.
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -33,6 +33,70 @@ inline A dot_lanes(const T* __restrict__ a, const A* __restrict__ b, int64_t n) 
   for (; j < n; ++j) sum += static_cast<A>(a[j]) * b[j];
   for (int l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
+}
+
+// Four rows at once: their dot products with b share each load of b (4 x 16 independent lanes,
+// enough to keep the FMA units busy), and acc += d0 r0 + d1 r1 + d2 r2 + d3 r3 then loads and
+// stores acc once per four rows. The rows are read twice, the second time from L1/L2.
+template <typename T, typename A>
+inline void dot4_lanes(const T* __restrict__ r0, const T* __restrict__ r1, const T* __restrict__ r2,
+                       const T* __restrict__ r3, const A* __restrict__ b, int64_t n, A* out) {
+  constexpr int kLanes = 16;
+  A l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {}, l3[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const A x = b[j + l];
+      l0[l] += static_cast<A>(r0[j + l]) * x;
+      l1[l] += static_cast<A>(r1[j + l]) * x;
+      l2[l] += static_cast<A>(r2[j + l]) * x;
+      l3[l] += static_cast<A>(r3[j + l]) * x;
+    }
+  }
+  A s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (; j < n; ++j) {
+    const A x = b[j];
+    s0 += static_cast<A>(r0[j]) * x;
+    s1 += static_cast<A>(r1[j]) * x;
+    s2 += static_cast<A>(r2[j]) * x;
+    s3 += static_cast<A>(r3[j]) * x;
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    s0 += l0[l];
+    s1 += l1[l];
+    s2 += l2[l];
+    s3 += l3[l];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+// Rows [r0, r1) of W (cols wide): t_i = W_i . v for each row, and acc += sum_i t_i W_i.
+template <typename T, typename A>
+void rows_dot_axpy(const T* w, int64_t cols, int64_t r0, int64_t r1, const A* __restrict__ v,
+                   A* __restrict__ t, A* __restrict__ acc) {
+  int64_t i = r0;
+  for (; i + 4 <= r1; i += 4) {
+    const T* __restrict__ a = w + i * cols;
+    const T* __restrict__ b = a + cols;
+    const T* __restrict__ c = b + cols;
+    const T* __restrict__ d = c + cols;
+    A dots[4];
+    dot4_lanes(a, b, c, d, v, cols, dots);
+    for (int k = 0; k < 4; ++k) t[i + k] = dots[k];
+    const A d0 = dots[0], d1 = dots[1], d2 = dots[2], d3 = dots[3];
+    for (int64_t j = 0; j < cols; ++j)
+      acc[j] += d0 * static_cast<A>(a[j]) + d1 * static_cast<A>(b[j]) + d2 * static_cast<A>(c[j]) +
+                d3 * static_cast<A>(d[j]);
+  }
+  for (; i < r1; ++i) {
+    const T* __restrict__ row = w + i * cols;
+    const A dot = dot_lanes(row, v, cols);
+    t[i] = dot;
+    for (int64_t j = 0; j < cols; ++j) acc[j] += dot * static_cast<A>(row[j]);
+  }
 }
 
 template <typename A>
@@ -82,12 +146,7 @@ void power_iteration_typed(const Matrix* mats, int n, int iterations, double eps
         A* __restrict__ acc = partial.data() + task.partial;
         A* __restrict__ tt = t[task.mat].data();
         std::fill(acc, acc + m.cols, A(0));
-        for (int64_t i = task.r0; i < task.r1; ++i) {
-          const T* __restrict__ row = w + i * m.cols;
-          const A dot = dot_lanes(row, vv, m.cols);
-          tt[i] = dot;
-          for (int64_t j = 0; j < m.cols; ++j) acc[j] += dot * static_cast<A>(row[j]);
-        }
+        rows_dot_axpy(w, m.cols, task.r0, task.r1, vv, tt, acc);
       }
     });
     for (int k = 0; k < n; ++k) {

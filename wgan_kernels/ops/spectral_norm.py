@@ -265,6 +265,31 @@ class _Sigma(torch.autograd.Function):
         return None, grad * torch.outer(u, v), None, None
 
 
+class _Sigmas(torch.autograd.Function):
+    """``_Sigma`` for a whole group in one node: inputs ``(raw sigmas, cat(us + vs) snapshot,
+    *weights)``, outputs one 0-d sigma per weight; ``dW_k = g_k * outer(u_k, v_k)``."""
+
+    @staticmethod
+    def forward(ctx, raw, snapshot, *weights):
+        ctx.save_for_backward(snapshot)
+        ctx.shapes = [w.shape for w in weights]
+        values = raw.detach().to(dtype=weights[0].dtype, copy=True)
+        return tuple(values[k].clone() for k in range(len(weights)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (snapshot,) = ctx.saved_tensors
+        rows = [shape[0] for shape in ctx.shapes]
+        cols = [shape[1] for shape in ctx.shapes]
+        parts = snapshot.split(rows + cols)
+        us, vs = parts[: len(rows)], parts[len(rows):]
+        d_weights = [
+            None if g is None or not ctx.needs_input_grad[2 + k] else g * torch.outer(us[k], vs[k])
+            for k, g in enumerate(grads)
+        ]
+        return (None, None, *d_weights)
+
+
 # ----------------------------------------------------------------------------- public op
 
 
@@ -307,8 +332,15 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
                     raw = _kernel_power_iteration(detached, u_list, v_list, n, eps, name)
                     for t in u_list + v_list:
                         torch.autograd.graph.increment_version(t)
-                    saved_us, saved_vs = [u.clone() for u in u_list], [v.clone() for v in v_list]
-            values = [_Sigma.apply(raw[k], w, u, v) for k, (w, u, v) in enumerate(zip(ws, saved_us, saved_vs))]
+            if torch.compiler.is_compiling():
+                values = [_Sigma.apply(raw[k], w, u, v) for k, (w, u, v) in enumerate(zip(ws, saved_us, saved_vs))]
+            elif torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+                # one node for the group; u, v snapshotted in one copy (later in-place updates of
+                # the buffers must not disturb this graph)
+                snapshot = torch.cat(u_list + v_list)
+                values = list(_Sigmas.apply(raw, snapshot, *ws))
+            else:  # no graph wanted: just the values
+                values = list(raw.to(ws[0].dtype).unbind())
         for i, s in zip(idx, values):
             sigmas[i] = s
     return sigmas
