@@ -36,12 +36,15 @@ def record(benchmark, *, suite: str, case: str, impl: str, fn, **extra):
     benchmark(fn)
 
 
-def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, **extra):
+def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, warm_calls: int = 0, **extra):
     """Times every implementation of one case round-robin (A B C, C B A, A B C, ...) for
     ``rounds`` rounds and records the per-impl medians in one pytest-benchmark entry
     (``impl="interleaved"``). The machine's slow drifts (noisy neighbours) then hit every impl
     alike, so the ratios are fairer than those of impls timed one after another; report.py uses
-    these medians for the row where they exist."""
+    these medians for the row where they exist. ``warm_calls``: untimed calls of an impl right
+    before its timed one, so that every impl finds its data in cache whatever ran before it (for
+    memory-bound ops on data that fits in cache, where a neighbour's copy would otherwise evict
+    it for some impls only)."""
     import time
 
     fns = {k: timed(f) for k, f in fns.items()}
@@ -52,12 +55,15 @@ def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, **e
     order = list(fns)
     for r in range(rounds):
         for k in order if r % 2 == 0 else reversed(order):
+            for _ in range(warm_calls):
+                fns[k]()
             t = time.perf_counter()
             fns[k]()
             samples[k].append(time.perf_counter() - t)
     medians = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     benchmark.group = f"{suite}/{case} (interleaved)"
     benchmark.extra_info.update(suite=suite, case=case, impl="interleaved", device=str(DEVICE), rounds=rounds,
+                                warm_calls=warm_calls,
                                 interleaved_median_s=medians, **extra)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 

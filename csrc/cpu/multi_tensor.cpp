@@ -47,6 +47,13 @@ inline Op clamp_value(Op x, Op lo, Op hi) {
   return hi < x ? hi : x;
 }
 
+// One contiguous piece with the bounds as by-value locals: a store through p cannot alias them
+// (as it could the lambda's by-reference captures), so GCC vectorises the loop.
+template <typename T, typename Op>
+void clip_piece(T* __restrict__ p, int64_t n, const Op lo, const Op hi) {
+  for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(clamp_value(static_cast<Op>(p[k]), lo, hi));
+}
+
 template <typename T>
 void clip_typed(const Span* spans, int n, double c) {
   using Op = typename OpMath<T>::type;
@@ -54,8 +61,7 @@ void clip_typed(const Span* spans, int n, double c) {
   const Op hi = static_cast<Op>(static_cast<T>(c));
   const Op lo = static_cast<Op>(static_cast<T>(-c));
   for_each_piece(spans, n, [&](int i, int64_t b, int64_t e) {
-    T* p = static_cast<T*>(spans[i].ptr);
-    for (int64_t k = b; k < e; ++k) p[k] = static_cast<T>(clamp_value(static_cast<Op>(p[k]), lo, hi));
+    clip_piece<T, Op>(static_cast<T*>(spans[i].ptr) + b, e - b, lo, hi);
   });
 }
 
