@@ -40,6 +40,16 @@ def numel(params):
     return sum(p.numel() for p in params)
 
 
+def copy_fn(params):
+    """The copy floor: one copy_ of as many values as ``params`` hold, flat buffers."""
+    n = numel(params)
+    src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
+
+    def fn():
+        dst.copy_(src)
+    return fn
+
+
 CLIP_IMPLS = ["loop", "foreach", "wgan_kernels", "copy"]
 
 
@@ -57,11 +67,7 @@ def clip_fn(impl, params):
         def fn():
             wk.clip_(params, C)
     else:
-        n = numel(params)
-        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
-
-        def fn():
-            dst.copy_(src)
+        fn = copy_fn(params)
     return fn
 
 
@@ -89,11 +95,7 @@ def rmsprop_fn(impl, params):
         opt = wk.ClippedRMSprop(params, lr=1e-9, clip_value=C)
         fn = opt.step
     else:
-        n = numel(params)
-        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
-
-        def fn():
-            dst.copy_(src)
+        fn = copy_fn(params)
     return fn
 
 

@@ -117,7 +117,7 @@ def test_penalty_gradients_match_double_backward(name, dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(dtype, gen):
     """float16/bfloat16: error vs float64 <= 2x the layer-by-layer chain's own error + atol."""
-    module64, critic64, shape = make("leaky-4", torch.float64)
+    _, critic64, shape = make("leaky-4", torch.float64)
     _, critic_low, _ = make("leaky-4", dtype)
     x = rand(shape, torch.float64, gen).to(dtype)
     truth = critic64.forward_with_input_grad(x.double())
@@ -164,7 +164,7 @@ def test_double_backward_is_refused(gen):
 
 
 def test_falls_back_where_it_does_not_apply(gen, monkeypatch):
-    """Other critics, inputs and modes take the layer-by-layer chain, with the same numbers."""
+    """Other critics, inputs and modes are not planned (they take the layer-by-layer chain)."""
     torch.manual_seed(0)
     x = torch.randn(4, 3, generator=gen)
     cases = {

@@ -123,6 +123,8 @@ def plan(seq, x: torch.Tensor):
         return None
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
+    if requested_backend(None) in ("reference", "triton"):
+        return None
     slopes, params = [], []
     for i, layer in enumerate(layers):
         if i % 2 == 0:
@@ -140,8 +142,6 @@ def plan(seq, x: torch.Tensor):
                 slopes.append(float(layer.negative_slope))
             else:
                 return None
-    if requested_backend(None) in ("reference", "triton"):
-        return None
     return tuple(slopes), params
 
 

@@ -355,7 +355,8 @@ class Sequential(InputGradModule, nn.Sequential):
 
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # A Linear/(Leaky)ReLU MLP: one autograd node for the whole chain (nn/_mlp.py)
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() and "_wk_sn_batch" not in self.__dict__:
+        _check_input(x)
+        if "_wk_sn_batch" not in self.__dict__:
             mlp = _mlp.plan(self, x)
             if mlp is not None:
                 return _mlp.forward_with_input_grad(*mlp, x)

@@ -10,8 +10,9 @@ Layers (one file):
     ONE launch per (device, dtype) group of weights, reading pointer / shape / stride tables; the
     extension's CPU kernel (``csrc/cpu/spectral_norm.cpp``, ``wgan_kernels._C.power_iteration_``).
     Both accumulate in float32 (float64 for float64 weights) and return sigma.
-  - ``_Sigma``: the autograd Function that attaches a kernel's sigma to W (gradient ``g * u v^T``,
-    written with torch ops so it is itself differentiable, e.g. under a double backward).
+  - ``_Sigmas``: the autograd Function that attaches a kernel's sigmas to their W (gradient
+    ``g * u v^T``, written with torch ops so it is itself differentiable, e.g. under a double
+    backward), one node per (device, dtype) group.
   - ``power_iteration_reference_``: plain PyTorch, the same ops as torch's parametrization; the
     oracle and the fallback.
   - ``power_iteration_``: the public op (checks, dispatch through ``wgan_kernels._backend``).
@@ -249,25 +250,11 @@ def _(weights, us, vs, n_iterations, eps, backend):
 # ----------------------------------------------------------------------------- autograd
 
 
-class _Sigma(torch.autograd.Function):
-    """Attaches a kernel's sigma value to W: forward returns ``value`` (0-d, W's dtype), backward
-    gives ``dW = g * outer(u, v)`` (torch ops, so differentiable again; the second derivative of
-    sigma w.r.t. W is 0)."""
-
-    @staticmethod
-    def forward(ctx, value, w, u, v):
-        ctx.save_for_backward(u, v)
-        return value.detach().to(dtype=w.dtype, copy=True)
-
-    @staticmethod
-    def backward(ctx, grad):
-        u, v = ctx.saved_tensors
-        return None, grad * torch.outer(u, v), None, None
-
-
 class _Sigmas(torch.autograd.Function):
-    """``_Sigma`` for a whole group in one node: inputs ``(raw sigmas, cat(us + vs) snapshot,
-    *weights)``, outputs one 0-d sigma per weight; ``dW_k = g_k * outer(u_k, v_k)``."""
+    """Attaches the kernel's sigmas of a group of weights to those weights, one node for the
+    group: inputs ``(raw sigmas, cat(us + vs) snapshot, *weights)``, outputs one 0-d sigma per
+    weight (its dtype); ``dW_k = g_k * outer(u_k, v_k)`` (torch ops, so differentiable again;
+    the second derivative of sigma w.r.t. W is 0)."""
 
     @staticmethod
     def forward(ctx, raw, snapshot, *weights):
@@ -327,18 +314,16 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
                     raw, new = outs[0], outs[1:]
                     for t, fresh in zip(u_list + v_list, new):
                         t.copy_(fresh)
-                    saved_us, saved_vs = new[:len(ws)], new[len(ws):]
+                    updated = list(new)
                 else:
                     raw = _kernel_power_iteration(detached, u_list, v_list, n, eps, name)
                     for t in u_list + v_list:
                         torch.autograd.graph.increment_version(t)
-            if torch.compiler.is_compiling():
-                values = [_Sigma.apply(raw[k], w, u, v) for k, (w, u, v) in enumerate(zip(ws, saved_us, saved_vs))]
-            elif torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+                    updated = u_list + v_list
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
                 # one node for the group; u, v snapshotted in one copy (later in-place updates of
                 # the buffers must not disturb this graph)
-                snapshot = torch.cat(u_list + v_list)
-                values = list(_Sigmas.apply(raw, snapshot, *ws))
+                values = list(_Sigmas.apply(raw, torch.cat(updated), *ws))
             else:  # no graph wanted: just the values
                 values = list(raw.to(ws[0].dtype).unbind())
         for i, s in zip(idx, values):
