@@ -36,7 +36,8 @@ def record(benchmark, *, suite: str, case: str, impl: str, fn, **extra):
     benchmark(fn)
 
 
-def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, warm_calls: int = 0, **extra):
+def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, warm_calls: int = 0,
+                apart: tuple = (), **extra):
     """Times every implementation of one case round-robin (A B C, C B A, A B C, ...) for
     ``rounds`` rounds and records the per-impl medians in one pytest-benchmark entry
     (``impl="interleaved"``). The machine's slow drifts (noisy neighbours) then hit every impl
@@ -44,7 +45,10 @@ def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, war
     these medians for the row where they exist. ``warm_calls``: untimed calls of an impl right
     before its timed one, so that every impl finds its data in cache whatever ran before it (for
     memory-bound ops on data that fits in cache, where a neighbour's copy would otherwise evict
-    it for some impls only)."""
+    it for some impls only). ``apart``: impls (floors such as a copy of other buffers) timed in
+    their own round-robin after the others, never right before a compared impl: on this CPU an
+    11 MB copy slows the next two calls of whatever follows it, even after a warm call, so
+    in one rotation the impl placed after the copy lost up to 1.6x (measured on clip_ DCGAN-64)."""
     import time
 
     fns = {k: timed(f) for k, f in fns.items()}
@@ -52,18 +56,18 @@ def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, war
         for _ in range(3):
             f()
     samples: dict[str, list[float]] = {k: [] for k in fns}
-    order = list(fns)
-    for r in range(rounds):
-        for k in order if r % 2 == 0 else reversed(order):
-            for _ in range(warm_calls):
+    for order in ([k for k in fns if k not in apart], [k for k in fns if k in apart]):
+        for r in range(rounds if order else 0):
+            for k in order if r % 2 == 0 else reversed(order):
+                for _ in range(warm_calls):
+                    fns[k]()
+                t = time.perf_counter()
                 fns[k]()
-            t = time.perf_counter()
-            fns[k]()
-            samples[k].append(time.perf_counter() - t)
+                samples[k].append(time.perf_counter() - t)
     medians = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     benchmark.group = f"{suite}/{case} (interleaved)"
     benchmark.extra_info.update(suite=suite, case=case, impl="interleaved", device=str(DEVICE), rounds=rounds,
-                                warm_calls=warm_calls,
+                                warm_calls=warm_calls, apart=list(apart),
                                 interleaved_median_s=medians, **extra)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 

@@ -43,6 +43,55 @@ def test_clip_matches_reference(device, dtype, backend, gen):
         assert a.abs().max() <= 0.5 if a.numel() else True
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_clip_uniform_list(device, dtype, gen):
+    """One dtype, one device, every tensor dense (contiguous, transposed, permuted, crossing the
+    CPU kernel's task boundary): the extension's fast path. Values and version counters."""
+    def r(*shape):
+        return (torch.randn(*shape, generator=gen) * 0.5).to(device=device, dtype=dtype)
+    tensors = [r(7, 3), r(1), r(9, 4).t(), r(3, 4, 5).permute(2, 0, 1), r(40_001), r(33, 17)]
+    tensors += [torch.nn.Parameter(r(5, 6)) for _ in range(3)]
+    expected = [t.detach().clone() for t in tensors]
+    clip_reference_(expected, 0.2)
+    versions = [t._version for t in tensors]
+    wk.clip_(tensors, 0.2)
+    for i, (a, e) in enumerate(zip(tensors, expected)):
+        torch.testing.assert_close(a.detach(), e, rtol=0, atol=0, msg=lambda m: f"tensor {i}: {m}")
+        assert a._version > versions[i], f"tensor {i}: version counter not bumped"
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's CPU thread count for one test, then restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("num_threads", [1, 2, 3, 5])
+def test_cpu_task_boundaries(num_threads, threads, gen):
+    """Odd span sizes whose task boundaries fall inside spans (moved to 64-byte multiples there):
+    every element is updated exactly once, whatever the thread count (a twice-applied RMSprop
+    step or a skipped element would show)."""
+    threads(num_threads)
+    sizes = [70_001, 5, 33_333, 0, 40_001, 17, 65_536]
+    for dtype in FLOAT_DTYPES:
+        tensors = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+        expected = [t.clone() for t in tensors]
+        clip_reference_(expected, 0.4)
+        wk.clip_(tensors, 0.4)
+        for n, a, e in zip(sizes, tensors, expected):
+            torch.testing.assert_close(a, e, rtol=0, atol=0, msg=lambda m: f"clip_ {dtype} size {n}: {m}")
+    ours = [torch.nn.Parameter(torch.randn(n, generator=gen) * 0.02) for n in sizes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = random_grads(ours, 3, gen)
+    hp = dict(lr=3e-3, alpha=0.9, eps=1e-6, weight_decay=0.0)
+    run_steps(wk.ClippedRMSprop(ours, clip_value=0.01, **hp), ours, grads)
+    run_steps(torch.optim.RMSprop(theirs, foreach=False, **hp), theirs, grads, clip_after=0.01)
+    for n, a, b in zip(sizes, ours, theirs):
+        torch.testing.assert_close(a, b, msg=lambda m: f"ClippedRMSprop size {n}: {m}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_many_tensors_mixed_dtypes(device, backend, gen):
     # More tensors than one CUDA launch table holds, mixed dtypes, Parameters and plain tensors.
@@ -134,10 +183,13 @@ def random_grads(params, steps, gen, skip=()):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 @pytest.mark.parametrize("clip_value", [0.01, None])
-def test_clipped_rmsprop_matches_torch(device, backend, weight_decay, clip_value, gen):
+@pytest.mark.parametrize("grad_layout", ["contiguous", "like_param"])
+def test_clipped_rmsprop_matches_torch(device, backend, weight_decay, clip_value, grad_layout, gen):
     ours = make_params(device, torch.float32, gen)
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     grads = random_grads(ours, 20, gen)
+    if grad_layout == "like_param":  # every (param, grad, state) of one layout: the extension's fast path
+        grads = [[torch.empty_like(p).copy_(g) for p, g in zip(ours, step)] for step in grads]
     hp = dict(lr=3e-3, alpha=0.9, eps=1e-6, weight_decay=weight_decay)
     run_steps(wk.ClippedRMSprop(ours, clip_value=clip_value, backend=backend, **hp), ours, grads)
     run_steps(torch.optim.RMSprop(theirs, foreach=False, **hp), theirs, grads, clip_after=clip_value)

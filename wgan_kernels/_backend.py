@@ -16,12 +16,12 @@ package branches on device or availability.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
 from . import _triton
+from ._env import getenv
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
 BACKEND_ENV = "WGAN_KERNELS_BACKEND"
@@ -44,7 +44,7 @@ _warned = False
 
 
 def _strict() -> bool:
-    return os.environ.get(STRICT_ENV, "0").lower() in ("1", "true", "yes", "on")
+    return getenv(STRICT_ENV, "0").lower() in ("1", "true", "yes", "on")
 
 
 def extension():
@@ -93,7 +93,7 @@ def available(backend: str, device_type: str) -> bool:
 
 
 def requested_backend(backend: str | None) -> str:
-    name = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
+    name = backend if backend is not None else getenv(BACKEND_ENV, "auto")
     if name not in BACKENDS:
         source = "backend" if backend is not None else BACKEND_ENV
         raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
@@ -124,6 +124,13 @@ def _resolve(op: str, device_type: str, name: str, interpreting: bool) -> str:
 
 
 def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
-    """The backend that runs ``op`` on ``device``; ``backend`` (or the env variable) forces one."""
-    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
-    return _resolve(op, device_type, requested_backend(backend), _triton.interpreting())
+    """The backend that runs ``op`` on ``device``; ``backend`` (or the env variable) forces one.
+    On every op call: the steps of ``requested_backend`` and ``_triton.interpreting`` inline."""
+    if isinstance(device, torch.device):
+        device_type = device.type
+    else:
+        device_type = device if device in ("cpu", "cuda") else torch.device(device).type
+    name = backend if backend is not None else getenv(BACKEND_ENV, "auto")
+    if name not in BACKENDS:
+        requested_backend(backend)  # raises, naming the argument or the variable
+    return _resolve(op, device_type, name, getenv("TRITON_INTERPRET", "0") == "1")

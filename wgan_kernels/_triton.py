@@ -7,7 +7,8 @@ real backend for the tests (it has no bfloat16: interpreter tests use float16/fl
 from __future__ import annotations
 
 import functools
-import os
+
+from ._env import getenv
 
 try:
     import triton
@@ -30,7 +31,7 @@ def import_error() -> str | None:
 
 def interpreting() -> bool:
     """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 def version() -> str | None:

@@ -19,13 +19,27 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;  // elements per task; below this the loop runs inline
 
 // Calls f(i, begin, end) for every piece [begin, end) of span i, the pieces of all spans
-// split among threads as one flat range.
+// split among threads as one flat range. A task boundary that falls inside a span is moved up to
+// a multiple of `align` elements from the span's start (64 bytes: torch's CPU allocations are
+// 64-byte aligned), so no thread walks a span with every vector load straddling two cache lines:
+// unaligned, the second thread's half of the DCGAN-64 critic made clip_ 1.4x slower (AMD EPYC).
 template <typename F>
-void for_each_piece(const Span* spans, int n, const F& f) {
+void for_each_piece(const Span* spans, int n, int64_t align, const F& f) {
   std::vector<int64_t> offsets(n + 1, 0);
   for (int i = 0; i < n; ++i) offsets[i + 1] = offsets[i] + spans[i].numel;
+  auto span_of = [&](int64_t x) {  // the span that holds flat index x (x < offsets[n])
+    return static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), x) - offsets.begin()) - 1;
+  };
+  auto aligned = [&](int64_t x) {  // the same function of x for the task it ends and the one it starts
+    if (x == 0 || x == offsets[n]) return x;
+    const int i = span_of(x);
+    return offsets[i] + std::min((x - offsets[i] + align - 1) / align * align, spans[i].numel);
+  };
   at::parallel_for(0, offsets[n], kGrain, [&](int64_t begin, int64_t end) {
-    int i = static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin()) - 1;
+    begin = aligned(begin);
+    end = aligned(end);
+    if (begin >= end) return;
+    int i = span_of(begin);
     while (begin < end) {
       const int64_t stop = std::min(end, offsets[i + 1]);
       if (stop > begin) f(i, begin - offsets[i], stop - offsets[i]);
@@ -60,7 +74,7 @@ void clip_typed(const Span* spans, int n, double c) {
   // Bounds rounded to the storage type first, so results equal a clamp done in T.
   const Op hi = static_cast<Op>(static_cast<T>(c));
   const Op lo = static_cast<Op>(static_cast<T>(-c));
-  for_each_piece(spans, n, [&](int i, int64_t b, int64_t e) {
+  for_each_piece(spans, n, 64 / sizeof(T), [&](int i, int64_t b, int64_t e) {
     clip_piece<T, Op>(static_cast<T*>(spans[i].ptr) + b, e - b, lo, hi);
   });
 }
@@ -95,7 +109,7 @@ void rmsprop_typed(const Span* params, const Span* grads, const Span* sqs, int n
   const Op wd = static_cast<Op>(hp.weight_decay);
   const Op hi = static_cast<Op>(static_cast<T>(hp.clip_value));
   const Op lo = static_cast<Op>(static_cast<T>(-hp.clip_value));
-  for_each_piece(params, n, [&](int i, int64_t b, int64_t e) {
+  for_each_piece(params, n, 64 / sizeof(T), [&](int i, int64_t b, int64_t e) {
     rmsprop_piece<T, Op, kClip, kDecay>(static_cast<T*>(params[i].ptr) + b, static_cast<const T*>(grads[i].ptr) + b,
                                         static_cast<T*>(sqs[i].ptr) + b, e - b, lr, alpha, one_minus_alpha, eps, wd,
                                         lo, hi);
