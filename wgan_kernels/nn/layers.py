@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..ops import activation as _act
-from . import _mlp
+from . import _chain
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -354,12 +354,12 @@ class Sequential(InputGradModule, nn.Sequential):
         return None
 
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # A Linear/(Leaky)ReLU MLP: one autograd node for the whole chain (nn/_mlp.py)
+        # Linear/Conv2d/(Leaky)ReLU/Flatten: one autograd node for the whole chain (nn/_chain.py)
         _check_input(x)
         if "_wk_sn_batch" not in self.__dict__:
-            mlp = _mlp.plan(self, x)
-            if mlp is not None:
-                return _mlp.forward_with_input_grad(*mlp, x)
+            chain = _chain.plan(self, x)
+            if chain is not None:
+                return _chain.forward_with_input_grad(*chain, x)
         return super().forward_with_input_grad(x)
 
     def _forward_saving(self, x):
