@@ -246,6 +246,7 @@ def test_falls_back_where_it_does_not_apply(gen, monkeypatch):
         "linear on 4-D": (wn.Sequential(wn.Linear(8, 1)), img),
         "conv on 2-D": (wn.Sequential(wn.Conv2d(3, 1, 1)), x),
         "unbatched conv": (wn.Sequential(wn.Conv2d(3, 1, 3)), img[0]),
+        "batch flattened away": (wn.Sequential(wn.Linear(3, 1), wn.Flatten(0)), x),
     }
     for what, (critic, inp) in cases.items():
         assert _chain.plan(critic, inp) is None, what

@@ -109,6 +109,27 @@ def _per_sample(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.reshape((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
+def _walk_back(ops, g, inputs, acts, shapes, weights, at_affine, to_input=True):
+    """The chain rule from the output to the input: ``g`` through every op's adjoint, and
+    ``at_affine(j, g)`` with the gradient at affine layer j's output. Returns the gradient at the
+    input, or None without the first layer's adjoint when ``to_input`` is False."""
+    j, k, s = len(weights), len(acts), len(shapes)
+    for op in reversed(ops):
+        if op[0] in _AFFINE:
+            j -= 1
+            at_affine(j, g)
+            if j == 0 and not to_input:
+                return None
+            g = _adjoint(op, g, inputs[j], weights[j])
+        elif op[0] == "act":
+            k -= 1
+            g = _act_backward(g, acts[k], op[1])
+        else:
+            s -= 1
+            g = g.reshape(shapes[s])
+    return g
+
+
 class _PiecewiseLinearChain(torch.autograd.Function):
     """``(out, grad_x)`` of a chain of affine layers, (leaky) ReLUs and reshapes; inputs
     ``(ops, x, W_1, b_1, ..., W_n, b_n)`` (a ``b`` may be None), ``ops`` from ``plan``."""
@@ -130,20 +151,8 @@ class _PiecewiseLinearChain(torch.autograd.Function):
                 shapes.append(h.shape)
                 h = h.flatten(op[1], op[2])
         out = h
-        g = torch.ones_like(out)
         dzs = [None] * len(weights)
-        k, s = len(acts), len(shapes)
-        for op in reversed(ops):
-            if op[0] in _AFFINE:
-                j -= 1
-                dzs[j] = g
-                g = _adjoint(op, g, inputs[j], weights[j])
-            elif op[0] == "act":
-                k -= 1
-                g = _act_backward(g, acts[k], op[1])
-            else:
-                s -= 1
-                g = g.reshape(shapes[s])
+        g = _walk_back(ops, torch.ones_like(out), inputs, acts, shapes, weights, dzs.__setitem__)
         ctx.ops, ctx.shapes = ops, shapes
         ctx.counts = (len(weights), len(acts))
         ctx.has_bias = [b is not None for b in biases]
@@ -190,25 +199,15 @@ class _PiecewiseLinearChain(torch.autograd.Function):
             if fused and ctx.needs_input_grad[1]:
                 d_x = grad_x * _per_sample(a, grad_x)
         if a is not None and not fused:  # several outputs per sample: the loss chain on its own
-            e, j, k, s = a, n, n_acts, len(shapes)
-            for op in reversed(ops):
-                if op[0] in _AFFINE:
-                    j -= 1
-                    dw = _weight_grad(op, inputs[j], e, weights[j])
-                    d_w[j] = dw if d_w[j] is None else d_w[j] + dw
-                    if ctx.has_bias[j]:
-                        d_b[j] = _bias_grad(e)
-                    if j == 0 and not ctx.needs_input_grad[1]:
-                        break
-                    e = _adjoint(op, e, inputs[j], weights[j])
-                elif op[0] == "act":
-                    k -= 1
-                    e = _act_backward(e, acts[k], op[1])
-                else:
-                    s -= 1
-                    e = e.reshape(shapes[s])
-            else:  # walked to the input
-                d_x = e
+            affine = [op for op in ops if op[0] in _AFFINE]
+
+            def loss_grads(j, e):
+                dw = _weight_grad(affine[j], inputs[j], e, weights[j])
+                d_w[j] = dw if d_w[j] is None else d_w[j] + dw
+                if ctx.has_bias[j]:
+                    d_b[j] = _bias_grad(e)
+
+            d_x = _walk_back(ops, a, inputs, acts, shapes, weights, loss_grads, to_input=ctx.needs_input_grad[1])
         grads: list[torch.Tensor | None] = [None, d_x]
         for j, (dw, db) in enumerate(zip(d_w, d_b)):
             if db is None and ctx.has_bias[j] and c is not None and ctx.bias_in_grad_x[j]:
@@ -252,7 +251,7 @@ def plan(seq, x: torch.Tensor):
             ops.append(("act", 0.0 if kind is ReLU else float(layer.negative_slope)))
         elif kind is Flatten:
             start, end = layer.start_dim % dim, layer.end_dim % dim
-            if start > end:
+            if start == 0 or start > end:  # the batch dimension stays: the backward is per sample
                 return None
             ops.append(("flatten", start, end))
             dim -= end - start
