@@ -1,5 +1,5 @@
 """The one-node path for piecewise-linear critics (wgan_kernels/nn/_chain.py): Linear, Conv2d,
-(Leaky)ReLU and Flatten blocks in a Sequential.
+(Leaky)ReLU, AvgPool2d and Flatten blocks in Sequential and Residual blocks.
 
 Oracle: the layer-by-layer explicit chain (``InputGradModule.forward_with_input_grad`` on the same
 Sequential, itself tested against autograd's double backward in test_nn.py) and, for the
@@ -54,6 +54,19 @@ CRITICS = {
         nn.Linear(6 * 3 * 4, 2)), (3, 2, 9, 7)),
     "conv-then-mlp": (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), _leaky(), nn.Flatten(), nn.Linear(64, 7),
                                             _leaky(), nn.Linear(7, 1)), (4, 3, 8, 8)),
+    # ResNet critics: wgan_kernels.nn blocks (their forward is plain torch, so they are also the
+    # double-backward reference); residuals with a pooled conv shortcut and with the identity
+    "resnet": (lambda: wn.Sequential(
+        wn.Residual(wn.Sequential(wn.Conv2d(3, 4, 3, 1, 1), wn.ReLU(), wn.Conv2d(4, 4, 3, 1, 1), wn.AvgPool2d(2)),
+                    wn.Sequential(wn.AvgPool2d(2), wn.Conv2d(3, 4, 1))),
+        wn.Residual(wn.Sequential(wn.ReLU(), wn.Conv2d(4, 4, 3, 1, 1), wn.ReLU(), wn.Conv2d(4, 4, 3, 1, 1))),
+        wn.ReLU(), wn.AvgPool2d(4), wn.Flatten(), wn.Linear(4, 1)), (3, 3, 8, 8)),
+    "resnet-odd-2out": (lambda: wn.Sequential(
+        wn.Conv2d(2, 3, 3, 1, 1, bias=False), wn.LeakyReLU(0.1),
+        wn.Residual(wn.Sequential(wn.LeakyReLU(0.3), wn.Conv2d(3, 3, 3, 1, 1)),
+                    wn.Sequential(wn.Conv2d(3, 3, 1, bias=False), wn.Residual(wn.ReLU()))),
+        wn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False), wn.ReLU(),
+        wn.Flatten(), wn.Linear(3 * 4 * 3, 2)), (2, 2, 7, 5)),
 }
 
 
@@ -100,7 +113,7 @@ def test_matches_layer_by_layer(name, dtype, contiguous, device, gen):
         torch.testing.assert_close(a, e, rtol=tol(dtype)["rtol"] * 10, atol=tol(dtype)["atol"] * 10, msg=lambda m: f"{name} d/d {n}: {m}")
 
 
-@pytest.mark.parametrize("name", ["mlp-leaky-4", "conv-dcgan", "conv-odd-2out"])
+@pytest.mark.parametrize("name", ["mlp-leaky-4", "conv-dcgan", "conv-odd-2out", "resnet", "resnet-odd-2out"])
 @pytest.mark.parametrize("use", ["out", "grad_x"])
 def test_one_output_used(name, use, gen):
     """A loss of only one output: the other's chain is skipped, the gradients still right (the
@@ -143,7 +156,7 @@ def test_penalty_gradients_match_double_backward(name, dtype, gen):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} d loss / d {n}: {m}")
 
 
-@pytest.mark.parametrize("name", ["mlp-leaky-4", "conv-dcgan"])
+@pytest.mark.parametrize("name", ["mlp-leaky-4", "conv-dcgan", "resnet"])
 def test_gp_step_matches_double_backward(name, gen):
     """WGAN-GP: the penalty at interpolates (the node's grad_x alone), the loss on a plain forward
     of real and fake; float64, against autograd's double backward at the same points."""
@@ -162,7 +175,7 @@ def test_gp_step_matches_double_backward(name, gen):
         torch.testing.assert_close(a, p.grad, rtol=1e-7, atol=1e-8, msg=lambda m: f"{name} d loss / d {n}: {m}")
 
 
-@pytest.mark.parametrize("name", ["mlp-leaky-4", "conv-dcgan"])
+@pytest.mark.parametrize("name", ["mlp-leaky-4", "conv-dcgan", "resnet"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(name, dtype, gen):
     """float16/bfloat16: error vs float64 <= 2x the layer-by-layer chain's own error + atol, for
@@ -199,7 +212,10 @@ class _BothOutputs(nn.Module):
     ("mlp-mixed-slopes-3out", (3, 4)),
     (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, 2, 1), nn.LeakyReLU(0.3), nn.Conv2d(3, 1, 3, 1, 0), nn.Flatten()),
      (2, 2, 5, 5)),
-], ids=["mlp-3out", "conv-1out"])
+    (lambda: wn.Sequential(wn.Residual(wn.Sequential(wn.Conv2d(2, 2, 3, 1, 1), wn.ReLU(), wn.AvgPool2d(2)),
+                                       wn.AvgPool2d(2)), wn.LeakyReLU(0.2), wn.Flatten(), wn.Linear(8, 1)),
+     (2, 2, 4, 4)),
+], ids=["mlp-3out", "conv-1out", "resnet-1out"])
 def test_gradcheck(critic_and_shape, gen):
     """(out, grad_x) as a function of (x, parameters) on the one-node path, float64, finite
     differences: the fused backward (one output per sample) and the separate loss chain."""
@@ -241,8 +257,9 @@ def test_falls_back_where_it_does_not_apply(gen, monkeypatch):
         "SN layer": (wn.Sequential(wn.SNLinear(3, 5), wn.LeakyReLU(0.2), wn.Linear(5, 1)), x),
         "no affine layer": (wn.Sequential(wn.ReLU()), x),
         "reflect padding": (wn.Sequential(wn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect")), img),
-        "pooling": (wn.Sequential(wn.Conv2d(3, 2, 3), wn.AvgPool2d(2)), img),
-        "residual": (wn.Sequential(wn.Residual(wn.Sequential(wn.Conv2d(3, 3, 3, padding=1)))), img),
+        "smooth activation in a residual": (wn.Sequential(wn.Residual(wn.Sequential(wn.Conv2d(3, 3, 3, padding=1),
+                                                                                   wn.Tanh()))), img),
+        "pooling a 2-D input": (wn.Sequential(wn.Linear(3, 4), wn.AvgPool2d(2)), x),
         "linear on 4-D": (wn.Sequential(wn.Linear(8, 1)), img),
         "conv on 2-D": (wn.Sequential(wn.Conv2d(3, 1, 1)), x),
         "unbatched conv": (wn.Sequential(wn.Conv2d(3, 1, 3)), img[0]),
@@ -250,6 +267,10 @@ def test_falls_back_where_it_does_not_apply(gen, monkeypatch):
     }
     for what, (critic, inp) in cases.items():
         assert _chain.plan(critic, inp) is None, what
+    bad = wn.Sequential(wn.Residual(wn.Conv2d(3, 3, 3)))  # branches of different sizes: torch's own error
+    for fn in (bad, bad.forward_with_input_grad, lambda x: layer_by_layer(bad, x)):
+        with pytest.raises(RuntimeError, match="size"):
+            fn(img)
     _, critic, _ = make("mlp-leaky-4", torch.float32)
     assert _chain.plan(critic, x.reshape(2, 2, 3)) is None  # 3-D input to a Linear
     assert _chain.plan(critic, x.double()) is None  # dtype differs from the weights'

@@ -354,7 +354,7 @@ class Sequential(InputGradModule, nn.Sequential):
         return None
 
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Linear/Conv2d/(Leaky)ReLU/Flatten: one autograd node for the whole chain (nn/_chain.py)
+        # Piecewise-linear critics (MLP, DCGAN, ResNet): one autograd node for the whole chain (nn/_chain.py)
         _check_input(x)
         if "_wk_sn_batch" not in self.__dict__:
             chain = _chain.plan(self, x)
