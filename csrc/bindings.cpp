@@ -137,9 +137,21 @@ void clip_(const py::list& param_list, double clip_value) {
                     clip_value);
   const TensorList params(param_list, "params");
   if (params.empty()) return;
+  auto launch = [&](at::Device device, const std::vector<wk::Span>& spans, wk::DType dtype) {
+    const int n = static_cast<int>(spans.size());
+    run_on(
+        device, [&] { wk::cpu::clip_multi(spans.data(), n, dtype, clip_value); },
+        [&](void* stream) {
+#ifdef WGAN_KERNELS_WITH_CUDA
+          check_cuda(wk::cuda::clip_multi(spans.data(), n, dtype, clip_value, stream), "clip_");
+#endif
+          (void)stream;
+        });
+  };
   // Fast path, the usual parameter list: every tensor dense, one device, one dtype. The spans
-  // come straight from the arguments (no grouping, no tensor copies): about 40 ns a tensor
-  // instead of 170 (CPU, 50 tensors).
+  // come straight from the arguments (no grouping, no tensor copies): with the borrowed list,
+  // about 35 ns a tensor before the kernel, where the grouping path over pybind11's converted
+  // list took about 200 (CPU, 50 Parameters).
   std::vector<wk::Span> spans;
   spans.reserve(params.size());
   check_writable(params[0], "params", 0);
@@ -156,32 +168,14 @@ void clip_(const py::list& param_list, double clip_value) {
     spans.push_back(wk::Span{t.data_ptr(), t.numel()});
   }
   if (uniform) {
-    const int n = static_cast<int>(spans.size());
-    run_on(
-        device, [&] { wk::cpu::clip_multi(spans.data(), n, dtype, clip_value); },
-        [&](void* stream) {
-#ifdef WGAN_KERNELS_WITH_CUDA
-          check_cuda(wk::cuda::clip_multi(spans.data(), n, dtype, clip_value, stream), "clip_");
-#endif
-          (void)stream;
-        });
+    launch(device, spans, dtype);
     for (size_t i = 0; i < params.size(); ++i) bump_version(params[i]);
     return;
   }
   std::vector<Group> groups;
   for (size_t i = 0; i < params.size(); ++i) add_item(groups, {params[i]});
   for (const auto& g : groups) {
-    const auto group_spans = spans_of(g.work[0]);
-    const int m = static_cast<int>(group_spans.size());
-    const wk::DType group_dtype = kernel_dtype(g.work[0][0], "params", 0);
-    run_on(
-        g.device, [&] { wk::cpu::clip_multi(group_spans.data(), m, group_dtype, clip_value); },
-        [&](void* stream) {
-#ifdef WGAN_KERNELS_WITH_CUDA
-          check_cuda(wk::cuda::clip_multi(group_spans.data(), m, group_dtype, clip_value, stream), "clip_");
-#endif
-          (void)stream;
-        });
+    launch(g.device, spans_of(g.work[0]), kernel_dtype(g.work[0][0], "params", 0));
     write_back(g, 0);
     for (const auto& t : g.originals[0]) bump_version(t);
   }
