@@ -125,7 +125,7 @@ def _resolve(op: str, device_type: str, name: str, interpreting: bool) -> str:
 
 def resolve(op: str, device: torch.device | str, backend: str | None = None) -> str:
     """The backend that runs ``op`` on ``device``; ``backend`` (or the env variable) forces one.
-    On every op call: the steps of ``requested_backend`` and ``_triton.interpreting`` inline."""
+    Runs on every op call, so a CPU/CUDA device string skips building a ``torch.device``."""
     if isinstance(device, torch.device):
         device_type = device.type
     else:
@@ -133,4 +133,4 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
     name = backend if backend is not None else getenv(BACKEND_ENV, "auto")
     if name not in BACKENDS:
         requested_backend(backend)  # raises, naming the argument or the variable
-    return _resolve(op, device_type, name, getenv("TRITON_INTERPRET", "0") == "1")
+    return _resolve(op, device_type, name, _triton.interpreting())
