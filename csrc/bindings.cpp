@@ -64,6 +64,12 @@ class TensorList {
   std::vector<const at::Tensor*> items_;
 };
 
+// Whether `t` joins the fast path of a list led by `first` (clip_, rmsprop_clip_): the same dtype
+// and device, and one dense block of memory, so the kernel walks it as one span.
+bool joins_fast_path(const at::Tensor& t, const at::Tensor& first) {
+  return t.scalar_type() == first.scalar_type() && t.device() == first.device() && t.is_non_overlapping_and_dense();
+}
+
 void bump_version(const at::Tensor& t) {
   if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
 }
@@ -161,7 +167,8 @@ void clip_(const py::list& param_list, double clip_value) {
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& t = params[i];
     check_writable(t, "params", i);
-    if (kernel_dtype(t, "params", i) != dtype || t.device() != device || !t.is_non_overlapping_and_dense()) {
+    kernel_dtype(t, "params", i);
+    if (!joins_fast_path(t, params[0])) {
       uniform = false;  // finish the checks, then take the grouping path
       continue;
     }
@@ -211,8 +218,7 @@ void rmsprop_clip_(const py::list& param_list, const py::list& grad_list, const 
                         p.device(), " and shape ", p.sizes(), " like params[", i, "], got ", t->scalar_type(), ", ",
                         t->device(), ", ", t->sizes());
     }
-    uniform = uniform && p.scalar_type() == params[0].scalar_type() && p.device() == params[0].device() &&
-              p.is_non_overlapping_and_dense() && g.strides() == p.strides() &&
+    uniform = uniform && joins_fast_path(p, params[0]) && g.strides() == p.strides() &&
               square_avgs[i].strides() == p.strides();
     if (uniform) {
       p_spans.push_back(wk::Span{p.data_ptr(), p.numel()});

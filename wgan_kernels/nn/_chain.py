@@ -124,10 +124,12 @@ class _Tape:
     """What the forward keeps, by slot: the input of each affine layer, the output of each
     activation, the input shape of each reshape or pooling; and the weights."""
 
-    def __init__(self, n_affine, n_act, n_shape, weights):
-        self.inputs, self.dzs = [None] * n_affine, [None] * n_affine
-        self.acts, self.shapes = [None] * n_act, [None] * n_shape
-        self.weights = weights
+    def __init__(self, inputs, dzs, acts, shapes, weights):
+        self.inputs, self.dzs, self.acts, self.shapes, self.weights = inputs, dzs, acts, shapes, weights
+
+    @classmethod
+    def empty(cls, n_affine, n_act, n_shape, weights):
+        return cls([None] * n_affine, [None] * n_affine, [None] * n_act, [None] * n_shape, weights)
 
 
 def _run(op, h, tape, biases):
@@ -241,7 +243,7 @@ class _PiecewiseLinearChain(torch.autograd.Function):
     def forward(ctx, program, x, *params):
         root, n_affine, n_act, n_shape = program
         weights, biases = params[0::2], params[1::2]
-        tape = _Tape(n_affine, n_act, n_shape, weights)
+        tape = _Tape.empty(n_affine, n_act, n_shape, weights)
         out = _run(root, x, tape, biases)
         grad_x = _walk_back(root, torch.ones_like(out), tape, tape.dzs.__setitem__)
         ctx.program, ctx.shapes = program, tape.shapes
@@ -256,11 +258,10 @@ class _PiecewiseLinearChain(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, a, c):
-        root, n, n_act, n_shape = ctx.program
+        root, n, n_act, _ = ctx.program
         saved = ctx.saved_tensors
-        tape = _Tape(n, n_act, n_shape, saved[2 * n + n_act:3 * n + n_act])
-        tape.inputs, tape.dzs, tape.acts = list(saved[:n]), list(saved[n:2 * n]), list(saved[2 * n:2 * n + n_act])
-        tape.shapes = ctx.shapes
+        tape = _Tape(saved[:n], saved[n:2 * n], saved[2 * n:2 * n + n_act], ctx.shapes,
+                     saved[2 * n + n_act:3 * n + n_act])
         affine = _affine_ops(root)
         fused = a is not None and ctx.per_sample  # the loss chain folded into the penalty's
         d_w: list[torch.Tensor | None] = [None] * n
