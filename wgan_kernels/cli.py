@@ -74,12 +74,26 @@ def _cmd_bench(args) -> int:
         return rc or int(failed)
 
 
+_TRAIN_FIELDS = ("loss", "dataset", "backend", "steps", "n_critic", "batch_size", "lr", "hidden", "seed",
+                 "eval_every", "checkpoint_every", "device", "out")
+
+
 def _train_config(args):
+    """The TrainConfig of the command line: the fields given; on --resume, the others from the
+    checkpoint's run (so a resume restates only what it changes, and anything that differs from
+    the checkpoint's run is refused by the trainer with the field named)."""
+    from dataclasses import fields
+
     from .train import TrainConfig
+    from .train.trainer import checkpoint_config
 
     cfg = TrainConfig()
-    for key in ("loss", "dataset", "backend", "steps", "n_critic", "batch_size", "lr", "hidden", "seed",
-                "eval_every", "checkpoint_every", "device", "out"):
+    if args.resume and args.out is not None:
+        known = {f.name for f in fields(TrainConfig)}
+        for key, value in checkpoint_config(args.out).items():
+            if key in known and key != "progress":
+                setattr(cfg, key, value)
+    for key in _TRAIN_FIELDS:
         value = getattr(args, key, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -90,19 +104,26 @@ def _train_config(args):
 def _cmd_train(args) -> int:
     from .train import TrainingDiverged, train
 
+    if args.resume and args.out is None:
+        print("wgan-kernels train: resume: --resume needs the --out folder of the run to continue", file=sys.stderr)
+        return 2
     try:
-        result = train(_train_config(args), resume=args.resume)
+        cfg = _train_config(args)
+        result = train(cfg, resume=args.resume)
     except TrainingDiverged as e:
         print(f"wgan-kernels train: stopped: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
+    except ValueError as e:  # bad settings, checkpoints and run folders: one line naming the culprit
         print(f"wgan-kernels train: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write after the start's checks (metrics.json, pictures)
+        print(f"wgan-kernels train: out: {e}", file=sys.stderr)
         return 2
     if result["trainer"].rank != 0:  # under torchrun, one report
         return 0
-    print(f"{args.loss}/{args.backend} on {args.dataset}: final {result['metric']} {result['final_metric']:.4f}, "
+    print(f"{cfg.loss}/{cfg.backend} on {cfg.dataset}: final {result['metric']} {result['final_metric']:.4f}, "
           f"{result['steps_per_s']:.1f} generator steps/s, {result['steps']} steps"
-          + (f"; outputs in {args.out}" if args.out else ""))
+          + (f"; outputs in {cfg.out}" if cfg.out else ""))
     return 0
 
 
@@ -179,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import DATASETS, LOSSES
 
     train = sub.add_parser("train", help="train a WGAN on an embedded dataset, fused or eager")
-    train.add_argument("--loss", default="wgan-div", choices=LOSSES)
-    train.add_argument("--dataset", default="8gaussians", choices=DATASETS)
-    train.add_argument("--backend", default="fused", choices=["fused", "eager"])
+    train.add_argument("--loss", choices=LOSSES, help="default wgan-div")
+    train.add_argument("--dataset", choices=DATASETS, help="default 8gaussians")
+    train.add_argument("--backend", choices=["fused", "eager"], help="default fused")
     train.add_argument("--steps", type=int, help="generator steps (default 1000)")
     train.add_argument("--n-critic", type=int, help="critic steps per generator step (default 5)")
     train.add_argument("--batch-size", type=int)
@@ -192,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int)
     train.add_argument("--device", default=None)
     train.add_argument("--out", default=None, help="folder for pictures, metrics.json and checkpoints")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt; settings not given are the checkpoint's, and only "
+                            "--steps, --eval-every, --checkpoint-every may differ from them")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_cmd_train)
     demo = sub.add_parser("demo", help="WGAN-div on 8gaussians, fused and eager side by side (about 2 min on CPU)")

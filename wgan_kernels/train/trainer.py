@@ -6,6 +6,7 @@ seeds. It calls only public ops (``critic_loss``, ``ClippedRMSprop``, ``spectral
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -17,8 +18,11 @@ import torch
 from torch import nn
 
 from .. import ClippedRMSprop, critic_loss
+from .._checks import finite_number
 from ..losses import STRATEGIES, sample_penalty_points
+from . import checkpoint as ckpt_io
 from . import datasets as ds
+from .checkpoint import CheckpointError, RunFolder
 from .metrics import metric_for
 
 LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
@@ -59,24 +63,73 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
 
+# What a resumed run may set differently from the run that wrote the checkpoint; every other
+# setting changes the training (or what its metrics mean), so a difference is refused.
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "out")
+_MAX_SEED = 2**63 - 3  # seed + 2 seeds the device generator
+
+
+def _int(name: str, v, low: int = 1, *, optional: bool = False, high: int | None = None) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name}: expected {bound}{' or None' if optional else ''}, got {v!r}")
+
+
 def _check(cfg: TrainConfig) -> None:
+    """Every field checked, the field named in the error; nothing is substituted silently."""
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES}, got {cfg.loss!r}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
+    if not isinstance(cfg.dataset, str):
+        raise ValueError(f"dataset: expected one of {ds.DATASETS} (pass tensors as data=), got {cfg.dataset!r}")
     for name in ("steps", "n_critic", "eval_every", "checkpoint_every", "log_every", "hidden", "eval_samples"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        _int(name, getattr(cfg, name))
+    _int("batch_size", cfg.batch_size, optional=True)
+    _int("z_dim", cfg.z_dim, optional=True)
+    _int("seed", cfg.seed, 0, high=_MAX_SEED)
     if cfg.sampling is not None:
         if cfg.loss not in ("wgan-gp", "wgan-div"):
             raise ValueError(f"sampling: only for wgan-gp and wgan-div, not {cfg.loss!r}")
         if cfg.sampling not in STRATEGIES:
             raise ValueError(f"sampling: expected one of {STRATEGIES}, got {cfg.sampling!r}")
-    if cfg.penalty_weight is not None and not (math.isfinite(cfg.penalty_weight) and cfg.penalty_weight >= 0):
-        raise ValueError(f"penalty_weight: expected a finite number >= 0, got {cfg.penalty_weight!r}")
-    if not (math.isfinite(cfg.div_p) and cfg.div_p > 1):
-        raise ValueError(f"div_p: expected a finite number > 1, got {cfg.div_p!r}")
+    if cfg.lr is not None:
+        finite_number("lr", cfg.lr, low=0, low_inclusive=False)
+    if cfg.penalty_weight is not None:
+        finite_number("penalty_weight", cfg.penalty_weight, low=0)
+    finite_number("div_p", cfg.div_p, low=1, low_inclusive=False)
+    finite_number("clip_value", cfg.clip_value, low=0, low_inclusive=False)  # both backends alike
+    _check_device(cfg.device)
+    if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
+        raise ValueError(f"out: expected a folder path or None, got {type(cfg.out).__name__}")
+    if not isinstance(cfg.progress, bool):
+        raise ValueError(f"progress: expected a bool, got {cfg.progress!r}")
+    if not isinstance(cfg.extra, dict) or not all(isinstance(k, str) for k in cfg.extra):
+        raise ValueError(f"extra: expected a dict with str keys, got {cfg.extra!r}")
+    try:  # stored in checkpoints and metrics.json: plain data only
+        json.dumps(cfg.extra, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError("extra: expected plain JSON data (str, numbers, bools, None, lists, dicts)") from None
+
+
+def _check_device(device) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device: {device!r} requested, but torch sees no CUDA device here (torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device: {device!r} requested, but torch sees {n} CUDA device(s)")
 
 
 # ----------------------------------------------------------------------------- models
@@ -118,11 +171,13 @@ def _optimizer_defaults(loss: str) -> tuple[str, dict]:
 class Trainer:
     def __init__(self, cfg: TrainConfig, data=None):
         _check(cfg)
+        if cfg.out is not None:
+            cfg.out = os.fspath(cfg.out)  # stored as plain data
         self.cfg = cfg
         self.sampler = ds.load(data if data is not None else cfg.dataset)
         toy = self.sampler.dim == 2 and self.sampler.data is None
-        self.batch = cfg.batch_size or (256 if self.sampler.dim == 2 else 64)
-        self.z_dim = cfg.z_dim or (2 if self.sampler.dim == 2 else 32)
+        self.batch = cfg.batch_size if cfg.batch_size is not None else (256 if self.sampler.dim == 2 else 64)
+        self.z_dim = cfg.z_dim if cfg.z_dim is not None else (2 if self.sampler.dim == 2 else 32)
         self.device = torch.device(cfg.device)
         weight = cfg.penalty_weight
         if weight is None:
@@ -153,7 +208,8 @@ class Trainer:
                 pass
         kind, hp = _optimizer_defaults(cfg.loss)
         if cfg.lr is not None:
-            hp["lr"] = cfg.lr
+            hp["lr"] = float(cfg.lr)
+        self.optimizer = {"optimizer": kind, **hp}  # name, lr (and betas): part of the run's settings
         if kind == "rmsprop":
             self.opt_d = (ClippedRMSprop(self.D.parameters(), clip_value=cfg.clip_value, **hp)
                           if cfg.backend == "fused" else torch.optim.RMSprop(self.D.parameters(), **hp))
@@ -171,6 +227,8 @@ class Trainer:
         eval_gen = torch.Generator().manual_seed(12345)  # the same evaluation sample for every run
         self.eval_real = self.sampler.sample(cfg.eval_samples, eval_gen)
         self.eval_z = torch.randn(cfg.eval_samples, self.z_dim, generator=eval_gen)
+        self.folder = RunFolder(cfg.out) if cfg.out is not None and self.rank == 0 else None  # rank 0 writes
+        self._data_id = None
 
     def _apply_spectral_norm(self) -> None:
         if self.cfg.backend == "fused":
@@ -309,36 +367,107 @@ class Trainer:
         self.G.train()
         return self.metric_fn(fake, self.eval_real)
 
+    def settings(self) -> dict:
+        """The resolved settings that determine the training (defaults filled in); stored in
+        checkpoints and compared on resume. Fields that do not apply to the loss are left out."""
+        cfg = self.cfg
+        if self._data_id is None:
+            data = self.sampler.data
+            self._data_id = (self.sampler.name if self.sampler.name != "tensor" else
+                             f"tensor{tuple(data.shape)}:{ckpt_io.digest(data)[:16]}")
+        out = {"loss": cfg.loss, "dataset": self._data_id, "backend": cfg.backend, "n_critic": cfg.n_critic,
+               "batch_size": self.batch, **self.optimizer, "hidden": cfg.hidden, "z_dim": self.z_dim,
+               "seed": cfg.seed, "eval_samples": cfg.eval_samples, "device": self.device.type, "extra": cfg.extra}
+        if cfg.loss in ("wgan-gp", "wgan-div"):
+            out.update(penalty_weight=self.penalty_weight, sampling=self.sampling)
+        if cfg.loss == "wgan-div":
+            out["div_p"] = cfg.div_p
+        if cfg.loss == "wgan":
+            out["clip_value"] = cfg.clip_value
+        return out
+
     def state(self) -> dict:
         return {
-            "config": asdict(self.cfg), "step": self.step, "G": self.G.state_dict(), "D": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "gen": self.gen.get_state(),
-            "dev_gen": self.dev_gen.get_state(), "history": self.history, "evals": self.evals, "wall": self.wall,
+            "config": asdict(self.cfg), "settings": self.settings(), "step": self.step, "G": self.G.state_dict(),
+            "D": self.D.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
+            "gen": self.gen.get_state(), "dev_gen": self.dev_gen.get_state(), "history": self.history,
+            "evals": self.evals, "wall": self.wall,
         }
 
-    def load_state(self, state: dict) -> None:
+    def load_state(self, state: dict, source: str = "resume: the checkpoint") -> None:
+        """Restores a ``state()``: refused (``CheckpointError``, nothing changed) when it was written
+        with other settings than this run's (``RESUMABLE`` lists the ones that may differ) or does
+        not fit these models."""
+        keys = ("config", "settings", "step", "G", "D", "opt_g", "opt_d", "gen", "dev_gen", "history", "evals",
+                "wall")
+        missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(f"{source}: not a complete trainer state (missing {', '.join(missing)})")
+        saved, now = state["settings"], self.settings()
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{source}: its settings are not a dict")
+        differ = [f"{k} {saved.get(k, '(unset)')!r} in the checkpoint, {now.get(k, '(unset)')!r} now"
+                  for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+        if differ:
+            raise CheckpointError(f"{source} was written with other settings: {'; '.join(differ)} (a resumed run "
+                                  f"may change only {', '.join(RESUMABLE)})")
+        step = state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointError(f"{source}: step {step!r} is not a step count")
+        if step > self.cfg.steps:
+            raise CheckpointError(f"{source} is at generator step {step}, past steps={self.cfg.steps}; ask for "
+                                  f"steps >= {step}")
+        before = copy.deepcopy(self.state())  # to undo a half-applied load (state_dict()s alias the tensors)
+        try:
+            self._apply(state)
+        except Exception as e:
+            self._apply(before)
+            raise CheckpointError(f"{source} does not fit this run's models or optimizers "
+                                  f"({type(e).__name__}: {ckpt_io.first_line(e)})") from e
+
+    def _apply(self, state: dict) -> None:
         self.G.load_state_dict(state["G"])
         self.D.load_state_dict(state["D"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.gen.set_state(state["gen"])
         self.dev_gen.set_state(state["dev_gen"])
-        self.step, self.history, self.evals, self.wall = state["step"], state["history"], state["evals"], state["wall"]
+        history, evals, wall = state["history"], state["evals"], state["wall"]
+        if not (isinstance(history, list) and isinstance(evals, list) and isinstance(wall, (int, float))):
+            raise TypeError("history, evals and wall: expected two lists and a number")
+        self.step, self.history, self.evals, self.wall = state["step"], list(history), list(evals), float(wall)
 
-    def save_checkpoint(self, path: Path) -> None:
-        """Atomic: written to a temporary file, then renamed over the old checkpoint."""
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, path)
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Resumes from a checkpoint file: verified, then ``load_state`` (see ``checkpoint.load``)."""
+        self.load_state(ckpt_io.load(Path(path)), source=f"resume: {path}")
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Atomic; a failed write leaves the previous checkpoint and no temporary file."""
+        ckpt_io.save(Path(path), self.state())
 
     # ---- the loop
 
+    def acquire_folder(self) -> None:
+        """Locks ``out`` for this run (a second run into it is refused), proves it writable and
+        large enough for a checkpoint; nested calls are counted. No-op without ``out``."""
+        if self.folder is not None:
+            self.folder.acquire(expected_bytes=ckpt_io.nbytes(self.state()))
+
+    def release_folder(self) -> None:
+        if self.folder is not None:
+            self.folder.release()
+
     def fit(self) -> dict:
+        self.acquire_folder()
+        try:
+            return self._fit()
+        finally:
+            self.release_folder()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
-        out = Path(cfg.out) if cfg.out and self.rank == 0 else None  # rank 0 writes
-        ckpt = out / "checkpoint.pt" if out else None
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
+        out = self.folder.path if self.folder is not None else None
+        ckpt = self.folder.checkpoint if self.folder is not None else None
         bar = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -406,29 +535,39 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _latest_checkpoint(out: str | None) -> Path | None:
-    if not out:
-        return None
-    p = Path(out) / "checkpoint.pt"
-    return p if p.exists() else None
-
-
 def train(cfg: TrainConfig | None = None, *, data=None, resume: bool = False, **overrides) -> dict:
     """Trains one GAN and returns its summary (final metric, steps/s, history). ``data``: an
     embedded dataset name, a tensor or a TensorDataset (overrides ``cfg.dataset``). ``resume``:
-    continue from ``out/checkpoint.pt`` (the same numbers as an uninterrupted run on CPU).
-    The models are in ``result["trainer"]``."""
+    continue from ``out/checkpoint.pt`` (the same numbers as an uninterrupted run on CPU), which
+    must have been written with the same settings but those in ``RESUMABLE``. ``out`` is locked
+    for the run. The models are in ``result["trainer"]``."""
     cfg = cfg or TrainConfig()
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"{k}: not a TrainConfig field")
         setattr(cfg, k, v)
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume: expected a bool, got {resume!r}")
     trainer = Trainer(cfg, data)
-    if resume:
-        ckpt = _latest_checkpoint(cfg.out)
-        if ckpt is None:
-            raise ValueError(f"resume: no checkpoint.pt in out={cfg.out!r}")
-        trainer.load_state(torch.load(ckpt, weights_only=False))
-    result = trainer.fit()
+    trainer.acquire_folder()  # before reading the checkpoint: no other run writes it meanwhile
+    try:
+        if resume:
+            ckpt = Path(cfg.out) / ckpt_io.CHECKPOINT if cfg.out is not None else None
+            if ckpt is None or not ckpt.exists():
+                raise CheckpointError(f"resume: no {ckpt_io.CHECKPOINT} in out={cfg.out!r}")
+            trainer.load_checkpoint(ckpt)
+        result = trainer.fit()
+    finally:
+        trainer.release_folder()
     result["trainer"] = trainer
     return result
+
+
+def checkpoint_config(out: str | os.PathLike) -> dict:
+    """The ``TrainConfig`` fields of the run that wrote ``out/checkpoint.pt`` (verified), for a
+    resume that restates only what it changes (``wgan-kernels train --resume``)."""
+    state = ckpt_io.load(Path(out) / ckpt_io.CHECKPOINT)
+    config = state.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"resume: {Path(out) / ckpt_io.CHECKPOINT}: no run configuration in it")
+    return config
