@@ -11,6 +11,10 @@ differentiable ops, so the penalty needs one first-order ``.backward()`` and wor
     penalty = ((grad_x.flatten(1).norm(dim=1) - 1) ** 2).mean()
 
 Blocks have the torch layers' constructors, parameter names and forwards.
+
+Gradient order: the piecewise-linear critics' one-node path is first-order (a second derivative
+through it, e.g. a Hessian-vector product, raises ``RuntimeError``; use the plain torch critic's
+double backward for those); the layer-by-layer chain of the other critics is differentiable twice.
 """
 
 from .convert import from_torch

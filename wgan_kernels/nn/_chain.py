@@ -40,17 +40,18 @@ chain's two): the whole step is 4 products per layer instead of 6, the "floor" (
 forward + backward) included. With several outputs per sample the loss chain is walked on its
 own (``e_n = a``, ``dW_j += weight_grad(h_{j-1}, e_j)``, ``e = m * A_j^T e``).
 
-The backward is first-order only (``once_differentiable``): the explicit path exists so that a
-penalty step needs no double backward. Which critics take this node, and when, is decided by
-``plan`` (``Sequential.forward_with_input_grad`` asks it); the layer-by-layer chain is the
-reference it is tested against.
+Gradient order: one. The backward is first-order only (like ``once_differentiable``): the explicit
+path exists so that a penalty step needs no double backward. Its intermediate values are computed
+without a graph, so a second derivative through it cannot be right; asking for one raises
+``SECOND_ORDER_ERROR`` instead of returning None or zeros (see ``_FirstOrderOnly``). Which critics
+take this node, and when, is decided by ``plan`` (``Sequential.forward_with_input_grad`` asks it);
+the layer-by-layer chain is the reference it is tested against.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .._backend import requested_backend
 
@@ -235,6 +236,53 @@ def _followed_by_act(op, after: bool, out: list) -> bool:
     return after
 
 
+SECOND_ORDER_ERROR = (
+    "wgan_kernels.nn: the explicit input-gradient path is first-order (once_differentiable): the "
+    "(out, grad_x) of forward_with_input_grad, and losses built on it such as critic_loss, can be "
+    "differentiated once (loss.backward(), torch.autograd.grad without create_graph), not twice. "
+    "For a second derivative (a Hessian-vector product, a penalty on the parameter gradients, "
+    "gradgradcheck) use the plain torch critic with autograd's double backward "
+    "(torch.autograd.grad(critic(x).sum(), x, create_graph=True)), or set "
+    "WGAN_KERNELS_BACKEND=reference for the layer-by-layer chain, which is differentiable twice."
+)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """The chain's first-order gradients, as they are, on a node whose backward raises
+    ``SECOND_ORDER_ERROR``: what ``_PiecewiseLinearChain.backward`` returns when it runs with
+    ``create_graph=True``. Inputs ``(n, g_1, ..., g_n, *anchors)``, outputs ``g_1, ..., g_n``.
+
+    torch's ``once_differentiable`` is not enough here: its error node hangs off fresh detached
+    leaves, so ``torch.autograd.grad(..., inputs)`` prunes it and returns None, and when the
+    incoming gradients do not require grad it returns constants. The anchors tie this node to
+    everything the true second derivative depends on: ``grad_x`` (saved output of the chain, so
+    its grad_fn is the chain's node, whose edges are x and the parameters) and the incoming
+    gradients that require grad. Any differentiation that reaches x, the parameters or anything
+    upstream of them then runs this backward and raises."""
+
+    @staticmethod
+    def forward(ctx, n, *tensors):
+        # detached aliases, not the inputs: an input returned as is comes back as a view, which
+        # in-place ops (clip_grad_norm_ on .grad) refuse; the values are not copied
+        return tuple(t.detach() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(SECOND_ORDER_ERROR)
+
+
+def _refuse_second_order(grads, anchors):
+    """``grads`` (tensors or None) passed through ``_FirstOrderOnly``."""
+    slots = [i for i, g in enumerate(grads) if g is not None]
+    if not slots:
+        return grads
+    through = _FirstOrderOnly.apply(len(slots), *(grads[i] for i in slots), *anchors)
+    out = list(grads)
+    for i, g in zip(slots, through):
+        out[i] = g
+    return tuple(out)
+
+
 class _PiecewiseLinearChain(torch.autograd.Function):
     """``(out, grad_x)`` of a program from ``plan``; inputs ``(program, x, W_1, b_1, ..., W_n,
     b_n)`` (a ``b`` may be None)."""
@@ -256,8 +304,17 @@ class _PiecewiseLinearChain(torch.autograd.Function):
         return out, grad_x
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, a, c):
+        with torch.no_grad():
+            grads = _PiecewiseLinearChain._first_order(ctx, a, c)
+        if torch.is_grad_enabled():  # create_graph=True: a second-order graph is asked for; refuse it
+            saved_grad_x = ctx.saved_tensors[-1]
+            anchors = [saved_grad_x] + [t for t in (a, c) if t is not None and t.requires_grad]
+            grads = _refuse_second_order(grads, anchors)
+        return grads
+
+    @staticmethod
+    def _first_order(ctx, a, c):
         root, n, n_act, _ = ctx.program
         saved = ctx.saved_tensors
         tape = _Tape(saved[:n], saved[n:2 * n], saved[2 * n:2 * n + n_act], ctx.shapes,

@@ -42,7 +42,12 @@ class InputGradModule(nn.Module):
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(out, grad_x)``: ``out == self(x)`` and ``grad_x`` (shape of ``x``) equal to
         ``torch.autograd.grad(out.sum(), x, create_graph=True)[0]``, computed without autograd:
-        it is differentiable in the parameters (and in ``x``) through ordinary ops."""
+        it is differentiable in the parameters (and in ``x``) through ordinary ops.
+
+        Gradient order: this layer-by-layer chain is made of differentiable ops, so a loss on
+        ``(out, grad_x)`` can be differentiated twice, as autograd's double backward would.
+        A ``Sequential`` that takes the one-node path (nn/_chain.py) is first-order: asking for a
+        second derivative through it raises ``RuntimeError`` (``_chain.SECOND_ORDER_ERROR``)."""
         _check_input(x)
         reason = self._unsupported("module")
         if reason is not None:
@@ -354,7 +359,8 @@ class Sequential(InputGradModule, nn.Sequential):
         return None
 
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Piecewise-linear critics (MLP, DCGAN, ResNet): one autograd node for the whole chain (nn/_chain.py)
+        # Piecewise-linear critics (MLP, DCGAN, ResNet): one autograd node for the whole chain (nn/_chain.py),
+        # first-order only (a second derivative raises _chain.SECOND_ORDER_ERROR)
         _check_input(x)
         if "_wk_sn_batch" not in self.__dict__:
             chain = _chain.plan(self, x)
