@@ -1,7 +1,7 @@
 """Critic steps with a gradient penalty (forward, penalty, backward): eager vs wgan_kernels.
 
 Impls per (loss, model):
-  eager             the double-backward code users write (autograd.grad(create_graph=True))
+  eager             the double-backward code users write (wgan_kernels.eager: autograd.grad(create_graph=True))
   wgan_kernels      critic_loss(): one shared forward (div), fused penalty, double backward
   explicit          critic_loss() on the wgan_kernels.nn version of the critic: explicit input
                     gradient, a first-order backward only
@@ -19,6 +19,7 @@ import torch
 from conftest import DEVICE, QUICK, interleaved, record
 
 import wgan_kernels as wk
+from wgan_kernels.eager import critic_loss_eager
 from wgan_kernels.models import dcgan64_critic, mlp_critic, resnet32_critic
 
 try:
@@ -39,18 +40,7 @@ IMPLS = ["eager", "wgan_kernels", "explicit", "explicit+compile", "plain"]
 
 def eager_step(critic, real, fake, loss):
     critic.zero_grad(set_to_none=True)
-    if loss == "div":  # k E||grad||^p on real and fake samples (Wu et al. 2018), k 2, p 6
-        r, f = real.detach().requires_grad_(True), fake.detach().requires_grad_(True)
-        d_real, d_fake = critic(r), critic(f)
-        gr, gf = torch.autograd.grad(d_real.sum() + d_fake.sum(), (r, f), create_graph=True)
-        norms = torch.cat([gr, gf]).flatten(1).norm(dim=1)
-        total = d_fake.mean() - d_real.mean() + 2.0 * norms.pow(6).mean()
-    else:  # WGAN-GP, lambda 10 on interpolates
-        d_real, d_fake = critic(real).mean(), critic(fake).mean()
-        alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device)
-        x = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
-        (g,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
-        total = d_fake - d_real + 10.0 * (g.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    total, _, _ = critic_loss_eager(critic, real, fake, penalty=loss)  # the presets' k 2, p 6 / lambda 10
     total.backward()
 
 

@@ -9,7 +9,7 @@ import torch
 
 from wgan_kernels.cli import main
 from wgan_kernels.train import DATASETS
-from wgan_kernels.train.sweep import (RX_STRATEGIES, SweepConfig, _train_config, cells, read_runs, sweep,
+from wgan_kernels.train.sweep import (RX_STRATEGIES, SweepConfig, train_config, cells, read_runs, sweep,
                                       update_readme, verdict)
 from wgan_kernels.train.trainer import Trainer
 
@@ -77,7 +77,7 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path):
 
 def test_every_cell_is_scored_on_the_same_evaluation_sample():
     cfg = SweepConfig(grid="rx", dataset="25gaussians", hidden=16, eval_samples=128)
-    trainers = [Trainer(_train_config(cfg, c, seed)) for c in cells(cfg)[::5] for seed in (0, 1)]
+    trainers = [Trainer(train_config(cfg, c, seed)) for c in cells(cfg)[::5] for seed in (0, 1)]
     for t in trainers[1:]:
         assert torch.equal(t.eval_real, trainers[0].eval_real)
         assert torch.equal(t.eval_z, trainers[0].eval_z)

@@ -7,14 +7,34 @@ import torch
 from torch import nn
 
 
-def mlp_critic(hidden: int = 512, in_features: int = 2) -> nn.Sequential:
-    """MLP 4xH (the WGAN-GP toy critic): 4 Linear layers, LeakyReLU(0.2) between them."""
-    return nn.Sequential(
-        nn.Linear(in_features, hidden), nn.LeakyReLU(0.2),
-        nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-        nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-        nn.Linear(hidden, 1),
-    )
+def _mlp(sizes: list[int], act) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return layers
+
+
+def mlp_critic(hidden: int = 512, in_features: int = 2, in_shape: tuple[int, ...] | None = None) -> nn.Sequential:
+    """MLP 4xH (the WGAN-GP toy critic): 4 Linear layers, LeakyReLU(0.2) between them. With
+    ``in_shape`` (images), a Flatten first and ``in_features`` its size."""
+    layers = _mlp([in_features, hidden, hidden, hidden, 1], lambda: nn.LeakyReLU(0.2))
+    if in_shape is not None and len(in_shape) > 1:
+        layers = [nn.Flatten()] + layers
+    return nn.Sequential(*layers)
+
+
+def mlp_generator(z_dim: int, hidden: int, out_shape: tuple[int, ...]) -> nn.Sequential:
+    """The toy generator: 4 Linear layers, ReLU between them; for images (``out_shape`` of more
+    than one dim) a tanh and an Unflatten to the shape."""
+    size = 1
+    for d in out_shape:
+        size *= d
+    layers = _mlp([z_dim, hidden, hidden, hidden, size], nn.ReLU)
+    if len(out_shape) > 1:
+        layers += [nn.Tanh(), nn.Unflatten(1, out_shape)]
+    return nn.Sequential(*layers)
 
 
 def mlp50() -> nn.Sequential:

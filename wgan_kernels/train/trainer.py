@@ -1,7 +1,12 @@
 """The thin trainer: WGAN (clipping), WGAN-GP, WGAN-div and SN-GAN critics on embedded data,
 with the fused ops (``backend="fused"``) or plain PyTorch (``backend="eager"``), same models and
 seeds. It calls only public ops (``critic_loss``, ``ClippedRMSprop``, ``spectral_norm_all``,
-``wgan_kernels.nn.from_torch``); the eager code is the plain-PyTorch version users write.
+``wgan_kernels.nn.from_torch``); the eager backend runs ``wgan_kernels.eager``, the plain-PyTorch
+version users write.
+
+Its parts: ``config`` (settings, checks, defaults), ``datasets``, ``wgan_kernels.models`` (the
+networks), ``parallel`` (data parallelism), ``checkpoint`` (run folder, checkpoints), ``metrics``
+and ``plots``; this module is the loop.
 """
 
 from __future__ import annotations
@@ -11,202 +16,63 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .. import ClippedRMSprop, critic_loss
-from .._checks import finite_number
-from ..losses import STRATEGIES, sample_penalty_points
+from ..eager import critic_loss_eager
+from ..models import mlp_critic, mlp_generator
 from . import checkpoint as ckpt_io
 from . import datasets as ds
 from .checkpoint import CheckpointError, RunFolder
+from .config import (BACKENDS, LOSSES, PENALTY_PRESET, RESUMABLE, TrainConfig, check, optimizer_defaults,
+                     penalty_defaults)
 from .metrics import metric_for
+from .parallel import DataParallel
 
-LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
-BACKENDS = ("fused", "eager")
-DEFAULT_SAMPLING = {"wgan-gp": "interpolate", "wgan-div": "real+fake"}
-# r(x) strategies whose draws split by rows, so N processes draw what one process would; the others
-# pair rows across the whole batch (shuffles, batch std) and would need the global batch.
-_ROW_WISE_DRAWS = {"interpolate": 1, "real": 0, "fake": 0, "real+fake": 0}
+__all__ = ["BACKENDS", "LOSSES", "RESUMABLE", "TrainConfig", "Trainer", "TrainingDiverged", "train",
+           "checkpoint_config"]
 
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
-@dataclass
-class TrainConfig:
-    loss: str = "wgan-div"
-    dataset: str = "8gaussians"
-    backend: str = "fused"
-    steps: int = 1000               # generator steps
-    n_critic: int = 5               # critic steps per generator step (the papers' 5)
-    batch_size: int | None = None   # 256 for 2-D data, 64 otherwise
-    lr: float | None = None         # per-loss default (see _optimizer_defaults)
-    hidden: int = 256
-    z_dim: int | None = None        # 2 for 2-D data, 32 otherwise
-    penalty_weight: float | None = None  # GP: 0.1 on 2-D data (WGAN-GP toys), 10 otherwise; div: k 2
-    div_p: float = 6.0
-    sampling: str | None = None     # r(x) for wgan-gp / wgan-div: None = "interpolate" (GP), "real+fake" (div)
-    clip_value: float = 0.01
-    seed: int = 0
-    eval_every: int = 100
-    eval_samples: int = 1000
-    checkpoint_every: int = 200
-    log_every: int = 10
-    device: str = "cpu"
-    out: str | None = None
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-
-# What a resumed run may set differently from the run that wrote the checkpoint; every other
-# setting changes the training (or what its metrics mean), so a difference is refused.
-RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "out")
-_MAX_SEED = 2**63 - 3  # seed + 2 seeds the device generator
-
-
-def _int(name: str, v, low: int = 1, *, optional: bool = False, high: int | None = None) -> None:
-    if v is None and optional:
-        return
-    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
-        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-        raise ValueError(f"{name}: expected {bound}{' or None' if optional else ''}, got {v!r}")
-
-
-def _check(cfg: TrainConfig) -> None:
-    """Every field checked, the field named in the error; nothing is substituted silently."""
-    if not isinstance(cfg, TrainConfig):
-        raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
-    if cfg.loss not in LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES}, got {cfg.loss!r}")
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
-    if not isinstance(cfg.dataset, str):
-        raise ValueError(f"dataset: expected one of {ds.DATASETS} (pass tensors as data=), got {cfg.dataset!r}")
-    for name in ("steps", "n_critic", "eval_every", "checkpoint_every", "log_every", "hidden", "eval_samples"):
-        _int(name, getattr(cfg, name))
-    _int("batch_size", cfg.batch_size, optional=True)
-    _int("z_dim", cfg.z_dim, optional=True)
-    _int("seed", cfg.seed, 0, high=_MAX_SEED)
-    if cfg.sampling is not None:
-        if cfg.loss not in ("wgan-gp", "wgan-div"):
-            raise ValueError(f"sampling: only for wgan-gp and wgan-div, not {cfg.loss!r}")
-        if cfg.sampling not in STRATEGIES:
-            raise ValueError(f"sampling: expected one of {STRATEGIES}, got {cfg.sampling!r}")
-    if cfg.lr is not None:
-        finite_number("lr", cfg.lr, low=0, low_inclusive=False)
-    if cfg.penalty_weight is not None:
-        finite_number("penalty_weight", cfg.penalty_weight, low=0)
-    finite_number("div_p", cfg.div_p, low=1, low_inclusive=False)
-    finite_number("clip_value", cfg.clip_value, low=0, low_inclusive=False)  # both backends alike
-    _check_device(cfg.device)
-    if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
-        raise ValueError(f"out: expected a folder path or None, got {type(cfg.out).__name__}")
-    if not isinstance(cfg.progress, bool):
-        raise ValueError(f"progress: expected a bool, got {cfg.progress!r}")
-    if not isinstance(cfg.extra, dict) or not all(isinstance(k, str) for k in cfg.extra):
-        raise ValueError(f"extra: expected a dict with str keys, got {cfg.extra!r}")
-    try:  # stored in checkpoints and metrics.json: plain data only
-        json.dumps(cfg.extra, allow_nan=False)
-    except (TypeError, ValueError):
-        raise ValueError("extra: expected plain JSON data (str, numbers, bools, None, lists, dicts)") from None
-
-
-def _check_device(device) -> None:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise ValueError(f"device: {device!r} requested, but torch sees no CUDA device here (torch "
-                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
-        if dev.index is not None and dev.index >= n:
-            raise ValueError(f"device: {device!r} requested, but torch sees {n} CUDA device(s)")
-
-
-# ----------------------------------------------------------------------------- models
-
-
-def _mlp(sizes: list[int], act) -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return layers
-
-
-def build_models(dim: int, shape: tuple[int, ...], hidden: int, z_dim: int) -> tuple[nn.Module, nn.Sequential]:
-    """Generator and critic: 3 hidden layers of width ``hidden``; ReLU in G, LeakyReLU(0.2) in D
-    (no normalisation layers: the gradient penalty forbids batch norm in the critic)."""
-    g_layers = _mlp([z_dim, hidden, hidden, hidden, dim], nn.ReLU)
-    d_layers = _mlp([dim, hidden, hidden, hidden, 1], lambda: nn.LeakyReLU(0.2))
-    if len(shape) > 1:  # images: flatten in, tanh out
-        g_layers += [nn.Tanh(), nn.Unflatten(1, shape)]
-        d_layers = [nn.Flatten()] + d_layers
-    return nn.Sequential(*g_layers), nn.Sequential(*d_layers)
-
-
-def _optimizer_defaults(loss: str) -> tuple[str, dict]:
-    if loss == "wgan":  # Arjovsky et al. 2017: RMSprop 5e-5, clip 0.01
-        return "rmsprop", {"lr": 5e-5}
-    if loss == "wgan-gp":  # Gulrajani et al. 2017: Adam 1e-4, betas (0, 0.9)
-        return "adam", {"lr": 1e-4, "betas": (0.0, 0.9)}
-    if loss == "wgan-div":  # measured on the toys (DESIGN.md): Adam 1e-4, betas (0.5, 0.9)
-        return "adam", {"lr": 1e-4, "betas": (0.5, 0.9)}
-    return "adam", {"lr": 2e-4, "betas": (0.5, 0.999)}  # SN-GAN (Miyato et al. 2018), n_dis 5
-
-
-# ----------------------------------------------------------------------------- trainer
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, data=None):
-        _check(cfg)
+        check(cfg)
         if cfg.out is not None:
             cfg.out = os.fspath(cfg.out)  # stored as plain data
         self.cfg = cfg
         self.sampler = ds.load(data if data is not None else cfg.dataset)
-        toy = self.sampler.dim == 2 and self.sampler.data is None
-        self.batch = cfg.batch_size if cfg.batch_size is not None else (256 if self.sampler.dim == 2 else 64)
-        self.z_dim = cfg.z_dim if cfg.z_dim is not None else (2 if self.sampler.dim == 2 else 32)
+        two_d = self.sampler.dim == 2
+        self.batch = cfg.batch_size if cfg.batch_size is not None else (256 if two_d else 64)
+        self.z_dim = cfg.z_dim if cfg.z_dim is not None else (2 if two_d else 32)
         self.device = torch.device(cfg.device)
-        weight = cfg.penalty_weight
-        if weight is None:
-            weight = 2.0 if cfg.loss == "wgan-div" else (0.1 if toy or self.sampler.dim == 2 else 10.0)
-        self.penalty_weight = weight
-        self.rank, self.world = _distributed(self.device)
-        if self.batch % self.world:
-            raise ValueError(f"batch_size: {self.batch} does not split evenly over {self.world} processes")
-        self.local = self.batch // self.world  # this process's rows of the global batch
-        self.sampling = cfg.sampling or DEFAULT_SAMPLING.get(cfg.loss)
-        if self.world > 1 and self.sampling is not None and self.sampling not in _ROW_WISE_DRAWS:
-            raise ValueError(f"sampling: {self.sampling!r} pairs rows across the global batch; with "
-                             f"{self.world} processes use one of {tuple(_ROW_WISE_DRAWS)}")
+        weight, sampling = penalty_defaults(cfg.loss, two_d)
+        self.penalty_weight = cfg.penalty_weight if cfg.penalty_weight is not None else weight
+        self.sampling = cfg.sampling if cfg.sampling is not None else sampling
+        self.parallel = DataParallel(self.device, self.batch, self.sampling)
+        self.rank, self.world = self.parallel.rank, self.parallel.world
 
         torch.manual_seed(cfg.seed)  # model init: the same for both backends
-        self.G, self.D = build_models(self.sampler.dim, self.sampler.shape, cfg.hidden, self.z_dim)
-        self.G.to(self.device)
-        self.D.to(self.device)
+        self.G = mlp_generator(self.z_dim, cfg.hidden, self.sampler.shape).to(self.device)
+        self.D = mlp_critic(cfg.hidden, self.sampler.dim, self.sampler.shape).to(self.device)
         self.critic = self.D  # what the critic loss runs (the explicit path on the fused backend)
         if cfg.loss == "sngan":
             self._apply_spectral_norm()
-        elif cfg.backend == "fused" and cfg.loss in ("wgan-gp", "wgan-div"):
-            try:
-                from ..nn import from_torch
+        elif cfg.backend == "fused" and cfg.loss in PENALTY_PRESET:
+            from ..nn import from_torch
 
+            try:
                 self.critic = from_torch(self.D)  # shares the parameters
-            except (ImportError, ValueError):
-                pass
-        kind, hp = _optimizer_defaults(cfg.loss)
+            except ValueError as e:  # said once, not silently: the penalty then takes double backward
+                warnings.warn(f"wgan_kernels.train: the critic has no explicit input-gradient path ({e}); the "
+                              "fused backend computes its penalty with double backward", RuntimeWarning, stacklevel=2)
+        kind, hp = optimizer_defaults(cfg.loss)
         if cfg.lr is not None:
             hp["lr"] = float(cfg.lr)
         self.optimizer = {"optimizer": kind, **hp}  # name, lr (and betas): part of the run's settings
@@ -231,9 +97,11 @@ class Trainer:
         self._data_id = None
 
     def _apply_spectral_norm(self) -> None:
+        from ..ops.spectral_norm import _SN_LAYERS as SN_LAYERS  # noqa: PLC2701 - moves to nn/ with the SN modules
+        from ..ops.spectral_norm import spectral_norm_all
+
         if self.cfg.backend == "fused":
             from ..nn import from_torch
-            from ..ops.spectral_norm import spectral_norm_all
 
             # SNLinear blocks (1/sigma folded into the output, no W / sigma per forward), sharing
             # D's Parameters, iterated once per weight update for all layers; state-dict keys as
@@ -241,8 +109,7 @@ class Trainer:
             self.D = self.critic = spectral_norm_all(from_torch(self.D))
         else:
             for m in self.D.modules():  # the layers spectral_norm_all covers
-                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
-                                  nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                if isinstance(m, SN_LAYERS):
                     torch.nn.utils.parametrizations.spectral_norm(m)
 
     # ---- one step of each network
@@ -250,100 +117,33 @@ class Trainer:
     def _noise(self, n):
         return torch.randn(n, self.z_dim, generator=self.gen).to(self.device)
 
-    # ---- data parallel: every process draws the global batch with the same generator and keeps
-    # its rows, so N processes make the same updates as one process on the global batch.
-
-    def _local_rows(self, t: torch.Tensor) -> torch.Tensor:
-        return t[self.rank * self.local:(self.rank + 1) * self.local] if self.world > 1 else t
-
-    def _skip_draws(self, n: int) -> None:
-        if n > 0:  # advance the generator as the other processes' rows of a per-sample draw would
-            torch.rand(n, generator=self.dev_gen, device=self.device)
-
-    def _all_reduce_grads(self, module: nn.Module) -> None:
-        """Averages gradients over processes: one all-reduce of all of them, flattened."""
-        if self.world == 1:
-            return
-        import torch.distributed as dist
-
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-
     def _critic_step(self, real, fake) -> dict:
         cfg = self.cfg
         self.opt_d.zero_grad(set_to_none=True)
+        penalty = PENALTY_PRESET.get(cfg.loss)
+        kw = {}
+        if penalty is not None:
+            kw = dict(weight=self.penalty_weight, sampling=self.sampling, p=cfg.div_p if penalty == "div" else None)
+        self.parallel.skip_before(self.dev_gen)  # the lower ranks' rows of the penalty draws
         if cfg.backend == "fused":
-            penalty = {"wgan-gp": "gp", "wgan-div": "div"}.get(cfg.loss)
-            kw = {}
-            if penalty == "gp":
-                kw = dict(weight=self.penalty_weight, sampling=self.sampling)
-            elif penalty == "div":
-                kw = dict(weight=self.penalty_weight, p=cfg.div_p, sampling=self.sampling)
-            draws = self._draws()
-            self._skip_draws(self.rank * draws)
             loss, stats = critic_loss(self.critic, real, fake, penalty=penalty, generator=self.dev_gen, **kw)
-            self._skip_draws((self.world - 1 - self.rank) * draws)
-            loss.backward()
-            self._all_reduce_grads(self.D)
-            self.opt_d.step()  # ClippedRMSprop clamps in the same pass for "wgan"
-            return {"loss_d": loss.detach(), "wasserstein": stats["wasserstein"], "penalty": stats["penalty"]}
-        draws = self._draws()
-        self._skip_draws(self.rank * draws)
-        loss, w, pen = self._eager_critic_loss(real, fake)
-        self._skip_draws((self.world - 1 - self.rank) * draws)
+            w, pen = stats["wasserstein"], stats["penalty"]
+        else:
+            loss, w, pen = critic_loss_eager(self.D, real, fake, penalty=penalty, generator=self.dev_gen, **kw)
+        self.parallel.skip_after(self.dev_gen)
         loss.backward()
-        self._all_reduce_grads(self.D)
-        self.opt_d.step()
-        if cfg.loss == "wgan":
+        self.parallel.all_reduce_grads(self.D)
+        self.opt_d.step()  # ClippedRMSprop clamps in the same pass for "wgan"
+        if cfg.loss == "wgan" and cfg.backend == "eager":
             for p in self.D.parameters():
                 p.data.clamp_(-cfg.clip_value, cfg.clip_value)
         return {"loss_d": loss.detach(), "wasserstein": w, "penalty": pen}
 
-    def _draws(self) -> int:
-        """Random numbers one process draws per critic step for its penalty points."""
-        return _ROW_WISE_DRAWS.get(self.sampling, 0) * self.local if self.world > 1 else 0
-
-    def _eager_critic_loss(self, real, fake):
-        """Plain PyTorch: autograd's double backward; the same random draws as the fused path."""
-        cfg, D = self.cfg, self.D
-        zero = torch.zeros((), device=real.device)
-        if cfg.loss in ("wgan", "sngan"):
-            d_real, d_fake = D(real).mean(), D(fake).mean()
-            return d_fake - d_real, (d_real - d_fake).detach(), zero
-        if self.sampling != DEFAULT_SAMPLING[cfg.loss]:  # another r(x): points drawn as the fused path does
-            d_real, d_fake = D(real).mean(), D(fake).mean()
-            x = sample_penalty_points(real, fake, self.sampling, self.dev_gen).requires_grad_(True)
-            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
-            n = g.flatten(1).norm(dim=1)
-            pen = (self.penalty_weight * (n - 1).pow(2).mean() if cfg.loss == "wgan-gp"
-                   else self.penalty_weight * n.pow(cfg.div_p).mean())
-            return d_fake - d_real + pen, (d_real - d_fake).detach(), pen.detach()
-        if cfg.loss == "wgan-gp":
-            d_real, d_fake = D(real).mean(), D(fake).mean()
-            alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), generator=self.dev_gen,
-                               device=real.device)
-            x = (fake + alpha * (real - fake)).requires_grad_(True)
-            (g,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
-            pen = self.penalty_weight * (g.flatten(1).norm(dim=1) - 1).pow(2).mean()
-        else:  # wgan-div: k E||grad||^p on real and fake
-            r, f = real.detach().requires_grad_(True), fake.detach().requires_grad_(True)
-            out_r, out_f = D(r), D(f)
-            d_real, d_fake = out_r.mean(), out_f.mean()
-            gr, gf = torch.autograd.grad(out_r.sum() + out_f.sum(), (r, f), create_graph=True)
-            pen = self.penalty_weight * torch.cat([gr, gf]).flatten(1).norm(dim=1).pow(cfg.div_p).mean()
-        return d_fake - d_real + pen, (d_real - d_fake).detach(), pen.detach()
-
     def _generator_step(self) -> torch.Tensor:
         self.opt_g.zero_grad(set_to_none=True)
-        loss = -self.D(self.G(self._local_rows(self._noise(self.batch)))).mean()
+        loss = -self.D(self.G(self.parallel.rows(self._noise(self.batch)))).mean()
         loss.backward()
-        self._all_reduce_grads(self.G)
+        self.parallel.all_reduce_grads(self.G)
         self.opt_g.step()
         return loss.detach()
 
@@ -352,9 +152,9 @@ class Trainer:
         Returns the last critic step's stats and the generator loss (``self.step`` is left to
         ``fit``)."""
         for _ in range(self.cfg.n_critic):
-            real = self._local_rows(self.sampler.sample(self.batch, self.gen)).to(self.device)
+            real = self.parallel.rows(self.sampler.sample(self.batch, self.gen)).to(self.device)
             with torch.no_grad():
-                fake = self.G(self._local_rows(self._noise(self.batch)))
+                fake = self.G(self.parallel.rows(self._noise(self.batch)))
             stats = self._critic_step(real, fake)
         return stats, self._generator_step()
 
@@ -519,20 +319,6 @@ class Trainer:
             "steps_per_s": (self.step / self.wall) if self.wall > 0 else math.nan,
             "penalty_weight": self.penalty_weight, "history": self.history, "evals": self.evals,
         }
-
-
-def _distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): joins the process group when launched by torchrun (WORLD_SIZE > 1);
-    gloo on CPU, nccl on CUDA."""
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return 0, 1
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def train(cfg: TrainConfig | None = None, *, data=None, resume: bool = False, **overrides) -> dict:

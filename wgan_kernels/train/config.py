@@ -1,0 +1,134 @@
+"""The trainer's settings: ``TrainConfig``, its checks (every field, named in the error), and the
+per-loss defaults (optimizers from the papers; penalty weight and r(x) from ``losses.PRESETS``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .._checks import finite_number
+from ..losses import PRESETS, STRATEGIES
+from . import datasets as ds
+
+LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
+BACKENDS = ("fused", "eager")
+# The trainer's losses and the penalty presets they use (sampling and weight defaults read from them).
+PENALTY_PRESET = {"wgan-gp": "gp", "wgan-div": "div"}
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "wgan-div"
+    dataset: str = "8gaussians"
+    backend: str = "fused"
+    steps: int = 1000               # generator steps
+    n_critic: int = 5               # critic steps per generator step (the papers' 5)
+    batch_size: int | None = None   # 256 for 2-D data, 64 otherwise
+    lr: float | None = None         # per-loss default (see optimizer_defaults)
+    hidden: int = 256
+    z_dim: int | None = None        # 2 for 2-D data, 32 otherwise
+    penalty_weight: float | None = None  # GP: 0.1 on 2-D data (WGAN-GP toys), 10 otherwise; div: k 2
+    div_p: float = 6.0
+    sampling: str | None = None     # r(x) for wgan-gp / wgan-div: None = "interpolate" (GP), "real+fake" (div)
+    clip_value: float = 0.01
+    seed: int = 0
+    eval_every: int = 100
+    eval_samples: int = 1000
+    checkpoint_every: int = 200
+    log_every: int = 10
+    device: str = "cpu"
+    out: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+# What a resumed run may set differently from the run that wrote the checkpoint; every other
+# setting changes the training (or what its metrics mean), so a difference is refused.
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "out")
+_MAX_SEED = 2**63 - 3  # seed + 2 seeds the device generator
+
+
+def _int(name: str, v, low: int = 1, *, optional: bool = False, high: int | None = None) -> None:
+    if v is None and optional:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < low or (high is not None and v > high):
+        bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name}: expected {bound}{' or None' if optional else ''}, got {v!r}")
+
+
+def check(cfg: TrainConfig) -> None:
+    """Every field checked, the field named in the error; nothing is substituted silently."""
+    if not isinstance(cfg, TrainConfig):
+        raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if cfg.loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {cfg.loss!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
+    if not isinstance(cfg.dataset, str):
+        raise ValueError(f"dataset: expected one of {ds.DATASETS} (pass tensors as data=), got {cfg.dataset!r}")
+    for name in ("steps", "n_critic", "eval_every", "checkpoint_every", "log_every", "hidden", "eval_samples"):
+        _int(name, getattr(cfg, name))
+    _int("batch_size", cfg.batch_size, optional=True)
+    _int("z_dim", cfg.z_dim, optional=True)
+    _int("seed", cfg.seed, 0, high=_MAX_SEED)
+    if cfg.sampling is not None:
+        if cfg.loss not in ("wgan-gp", "wgan-div"):
+            raise ValueError(f"sampling: only for wgan-gp and wgan-div, not {cfg.loss!r}")
+        if cfg.sampling not in STRATEGIES:
+            raise ValueError(f"sampling: expected one of {STRATEGIES}, got {cfg.sampling!r}")
+    if cfg.lr is not None:
+        finite_number("lr", cfg.lr, low=0, low_inclusive=False)
+    if cfg.penalty_weight is not None:
+        finite_number("penalty_weight", cfg.penalty_weight, low=0)
+    finite_number("div_p", cfg.div_p, low=1, low_inclusive=False)
+    finite_number("clip_value", cfg.clip_value, low=0, low_inclusive=False)  # both backends alike
+    check_device(cfg.device)
+    if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
+        raise ValueError(f"out: expected a folder path or None, got {type(cfg.out).__name__}")
+    if not isinstance(cfg.progress, bool):
+        raise ValueError(f"progress: expected a bool, got {cfg.progress!r}")
+    if not isinstance(cfg.extra, dict) or not all(isinstance(k, str) for k in cfg.extra):
+        raise ValueError(f"extra: expected a dict with str keys, got {cfg.extra!r}")
+    try:  # stored in checkpoints and metrics.json: plain data only
+        json.dumps(cfg.extra, allow_nan=False)
+    except (TypeError, ValueError):
+        raise ValueError("extra: expected plain JSON data (str, numbers, bools, None, lists, dicts)") from None
+
+
+def check_device(device) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"device: {device!r} requested, but torch sees no CUDA device here (torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device: {device!r} requested, but torch sees {n} CUDA device(s)")
+
+
+def penalty_defaults(loss: str, two_d: bool) -> tuple[float | None, str | None]:
+    """(weight, r(x)) of a loss's penalty: the preset's, except WGAN-GP's weight 0.1 on 2-D data
+    (the WGAN-GP toy code's); (None, None) for losses without a penalty."""
+    preset = PRESETS.get(PENALTY_PRESET.get(loss, ""))
+    if preset is None:
+        return None, None
+    weight = 0.1 if loss == "wgan-gp" and two_d else preset.weight
+    return weight, preset.sampling
+
+
+def optimizer_defaults(loss: str) -> tuple[str, dict]:
+    if loss == "wgan":  # Arjovsky et al. 2017: RMSprop 5e-5, clip 0.01
+        return "rmsprop", {"lr": 5e-5}
+    if loss == "wgan-gp":  # Gulrajani et al. 2017: Adam 1e-4, betas (0, 0.9)
+        return "adam", {"lr": 1e-4, "betas": (0.0, 0.9)}
+    if loss == "wgan-div":  # measured on the toys (DESIGN.md): Adam 1e-4, betas (0.5, 0.9)
+        return "adam", {"lr": 1e-4, "betas": (0.5, 0.9)}
+    return "adam", {"lr": 2e-4, "betas": (0.5, 0.999)}  # SN-GAN (Miyato et al. 2018), n_dis 5
