@@ -1,5 +1,8 @@
 // The one op registration file of wgan_kernels._C: argument checks, grouping by (device, dtype),
 // and calls into the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, which see raw pointers only.
+#include <ATen/MemoryOverlap.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -11,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -18,6 +22,29 @@
 #include "wk_kernels.h"
 
 namespace {
+
+// Messages name things as Python does (torch.float16, torch.sparse_coo, (3, 4), ndarray), so that
+// the extension and the ops' Python checks (wgan_kernels/ops/*.py, wgan_kernels/_checks.py) refuse
+// an argument with the same words. Called on error paths only (TORCH_CHECK formats lazily).
+std::string py_str(PyObject* obj) { return py::str(py::handle(obj)).cast<std::string>(); }
+std::string py_name(at::ScalarType dtype) { return py_str(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype))); }
+std::string py_name(at::Layout layout) { return py_str(reinterpret_cast<PyObject*>(torch::getTHPLayout(layout))); }
+std::string py_type_name(py::handle item) {
+  return py::str(py::handle(reinterpret_cast<PyObject*>(Py_TYPE(item.ptr()))).attr("__name__")).cast<std::string>();
+}
+std::string py_shape(at::IntArrayRef sizes) {  // tuple(t.shape)
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + (sizes.size() == 1 ? ",)" : ")");
+}
+
+// The same words as wgan_kernels._checks.INFERENCE_TENSOR and SELF_OVERLAPPING.
+constexpr const char* kInferenceTensor =
+    "an inference tensor (created under torch.inference_mode()) cannot be updated in place outside inference "
+    "mode; clone it first, or call this under torch.inference_mode()";
+constexpr const char* kSelfOverlapping =
+    "its elements share memory (an expanded view?) and it is updated in place; pass a tensor that owns its "
+    "elements (e.g. .clone())";
 
 wk::DType kernel_dtype(const at::Tensor& t, const char* arg, size_t index) {
   switch (t.scalar_type()) {
@@ -27,9 +54,15 @@ wk::DType kernel_dtype(const at::Tensor& t, const char* arg, size_t index) {
     case at::kBFloat16: return wk::DType::BFloat16;
     default:
       TORCH_CHECK_VALUE(false, arg, "[", index, "]: expected a floating-point tensor (float32, float64, float16, "
-                        "bfloat16), got ", t.scalar_type());
+                        "bfloat16), got ", py_name(t.scalar_type()));
   }
   return wk::DType::Float32;  // unreachable
+}
+
+// torch refuses an in-place update of an inference tensor outside inference mode (inside it,
+// allowed); a kernel writing through a pointer would not notice: refuse it here.
+void check_not_inference(const at::Tensor& t, const char* arg, size_t index) {
+  TORCH_CHECK_VALUE(!t.is_inference() || c10::InferenceMode::is_enabled(), arg, "[", index, "]: ", kInferenceTensor);
 }
 
 // In-place writes bypass autograd, as an optimizer step does. A tensor that is part of a graph
@@ -39,8 +72,15 @@ void check_writable(const at::Tensor& t, const char* arg, size_t index) {
   TORCH_CHECK_VALUE(!(t.requires_grad() && !t.is_leaf()), arg, "[", index,
                     "]: an in-place update of a non-leaf tensor that requires grad would corrupt its "
                     "graph; pass leaf tensors (parameters) or detach first");
+  check_not_inference(t, arg, index);
   TORCH_CHECK_VALUE(t.layout() == at::kStrided, arg, "[", index, "]: expected a dense (strided) tensor, got ",
-                    t.layout());
+                    py_name(t.layout()));
+}
+
+// An expanded view (stride 0 over more than one element) written in place: the copy-back of the
+// grouping path would write several results to one location (torch refuses it too).
+void check_own_elements(const at::Tensor& t, const char* arg, size_t index) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, arg, "[", index, "]: ", kSelfOverlapping);
 }
 
 // The tensors of a Python list, borrowed from its items (valid while the list is alive): about
@@ -52,7 +92,7 @@ class TensorList {
     items_.reserve(items.size());
     for (const py::handle item : items) {
       TORCH_CHECK_VALUE(THPVariable_Check(item.ptr()), arg, "[", items_.size(), "]: expected a tensor, got ",
-                        Py_TYPE(item.ptr())->tp_name);
+                        py_type_name(item));
       items_.push_back(&THPVariable_Unpack(item.ptr()));
     }
   }
@@ -169,6 +209,7 @@ void clip_(const py::list& param_list, double clip_value) {
     check_writable(t, "params", i);
     kernel_dtype(t, "params", i);
     if (!joins_fast_path(t, params[0])) {
+      check_own_elements(t, "params", i);
       uniform = false;  // finish the checks, then take the grouping path
       continue;
     }
@@ -205,19 +246,23 @@ void rmsprop_clip_(const py::list& param_list, const py::list& grad_list, const 
   std::vector<wk::Span> p_spans, g_spans, s_spans;
   p_spans.reserve(n), g_spans.reserve(n), s_spans.reserve(n);
   bool uniform = n > 0;
+  // (The same checks, in the same order, as _check_rmsprop_items in wgan_kernels/ops/clip.py.)
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
     check_writable(p, "params", i);
-    check_writable(square_avgs[i], "square_avgs", i);
     kernel_dtype(p, "params", i);
     TORCH_CHECK_VALUE(g.defined() && g.layout() == at::kStrided, "grads[", i, "]: expected a dense gradient");
     for (const auto* t : {&g, &square_avgs[i]}) {
       TORCH_CHECK_VALUE(t->scalar_type() == p.scalar_type() && t->device() == p.device() && t->sizes() == p.sizes(),
-                        t == &g ? "grads[" : "square_avgs[", i, "]: expected dtype ", p.scalar_type(), ", device ",
-                        p.device(), " and shape ", p.sizes(), " like params[", i, "], got ", t->scalar_type(), ", ",
-                        t->device(), ", ", t->sizes());
+                        t == &g ? "grads[" : "square_avgs[", i, "]: expected dtype ", py_name(p.scalar_type()),
+                        ", device ", p.device(), " and shape ", py_shape(p.sizes()), " like params[", i, "], got ",
+                        py_name(t->scalar_type()), ", ", t->device(), ", ", py_shape(t->sizes()));
     }
+    check_writable(square_avgs[i], "square_avgs", i);
+    check_not_inference(steps[i], "steps", i);
+    check_own_elements(p, "params", i);
+    check_own_elements(square_avgs[i], "square_avgs", i);
     uniform = uniform && joins_fast_path(p, params[0]) && g.strides() == p.strides() &&
               square_avgs[i].strides() == p.strides();
     if (uniform) {
@@ -290,8 +335,13 @@ std::tuple<at::Tensor, at::Tensor> penalty_forward(const at::Tensor& grads, doub
   const wk::PenaltySpec spec{weight, center, p, eps, one_sided};
   const double total =
       wk::cpu::penalty_forward(g.data_ptr(), rows, g.size(1), kernel_dtype(g, "grads", 0), spec, norms.data_ptr());
-  double value = weight * total / static_cast<double>(rows);
-  if (norms.scalar_type() == at::kFloat && std::isfinite(value) &&
+  const bool f32 = norms.scalar_type() == at::kFloat;
+  double mean = total / static_cast<double>(rows);
+  if (f32 && total > static_cast<double>(std::numeric_limits<float>::max())) {
+    mean = std::numeric_limits<double>::infinity();  // eager's float32 sum overflows: weight 0 then gives NaN too
+  }
+  double value = weight * mean;
+  if (f32 && std::isfinite(value) &&
       std::abs(value) > static_cast<double>(std::numeric_limits<float>::max())) {
     value = std::copysign(std::numeric_limits<double>::infinity(), value);  // overflows to inf, as eager does
   }
@@ -339,7 +389,8 @@ at::Tensor power_iteration_(const std::vector<at::Tensor>& weights, const std::v
       TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == len && t->scalar_type() == w.scalar_type() &&
                             t->device().is_cpu() && t->is_contiguous(),
                         is_u ? "us[" : "vs[", i, "]: expected a contiguous 1-D CPU tensor of ", len,
-                        " values and dtype ", w.scalar_type(), ", got ", t->sizes(), " ", t->scalar_type());
+                        " values and dtype ", py_name(w.scalar_type()), ", got ", py_shape(t->sizes()), " ",
+                        py_name(t->scalar_type()));
       check_writable(*t, is_u ? "us" : "vs", i);
     }
     dense[i] = w.detach().contiguous();

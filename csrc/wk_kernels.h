@@ -28,9 +28,13 @@ struct PenaltySpec {
 };
 
 namespace cpu {
-// Clamp every span of `spans` to [-c, c] in place: one parallel loop over all of them.
+// Clamp every span of `spans` to [-c, c] in place: one parallel loop over all of them. c (> 0) is
+// rounded to the dtype as torch converts a double scalar (through float for the 16-bit types);
+// beyond the dtype's range it is inf: no clipping (a NaN stays NaN either way).
 void clip_multi(const Span* spans, int n, DType dtype, double c);
-// Fused RMSprop + clamp over n (param, grad, square_avg) triples of equal numel.
+// Fused RMSprop + clamp over n (param, grad, square_avg) triples of equal numel: the operations,
+// fused multiply-adds and (16-bit) roundings of torch.optim.RMSprop on torch's vectorised CPU
+// path. hp.lr, hp.eps and hp.weight_decay within float's range (ClippedRMSprop checks them).
 void rmsprop_clip_multi(const Span* params, const Span* grads, const Span* square_avgs, int n,
                         DType dtype, const RMSpropParams& hp);
 // Per-row L2 norms of a row-major (rows x cols) matrix g, written to `norms` (float32, or

@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .ops.penalty import grad_norm_penalty_and_norms
+from ._backend import BACKENDS
+from .ops.penalty import check_parameters, grad_norm_penalty_and_norms
 
 __all__ = ["PenaltyConfig", "PRESETS", "STRATEGIES", "sample_penalty_points", "input_gradient", "gradient_penalty",
            "critic_loss", "penalty_config", "gradient_penalty_reference"]
@@ -53,15 +54,41 @@ _SHARED_FORWARD = {"real+fake": (True, True), "real": (True, False), "fake": (Fa
 
 
 def penalty_config(kind: str = "gp", *, weight=None, center=None, p=None, one_sided=None, sampling=None) -> PenaltyConfig:
-    """The preset ``kind`` with any explicit argument overriding it (values checked later)."""
-    if kind not in PRESETS:
-        raise ValueError(f"kind: expected one of {tuple(PRESETS)}, got {kind!r}")
-    overrides = {k: v for k, v in dict(weight=weight, center=center, p=p, one_sided=one_sided,
-                                       sampling=sampling).items() if v is not None}
-    cfg = replace(PRESETS[kind], **overrides)
-    if cfg.sampling not in STRATEGIES:
+    """The preset ``kind`` with any explicit argument overriding it, checked here with
+    ``grad_norm_penalty``'s rules (a ValueError naming the argument): finite numbers, ``weight >= 0``,
+    ``p > 1``, ``one_sided`` a bool, ``sampling`` one of ``STRATEGIES``."""
+    return _config(kind, "kind", weight, center, p, one_sided, sampling)
+
+
+def _config(kind, kind_name: str, weight, center, p, one_sided, sampling) -> PenaltyConfig:
+    """``penalty_config`` with the preset argument's own name (``kind`` or ``penalty``) in its error.
+    The presets are valid as they stand; overrides are checked, and cached (a training loop
+    passes the same ones every step): the check is then one dict look-up."""
+    if not isinstance(kind, str) or kind not in PRESETS:
+        raise ValueError(f"{kind_name}: expected a preset kind, one of {tuple(PRESETS)}, got {kind!r}")
+    if weight is None and center is None and p is None and one_sided is None and sampling is None:
+        return PRESETS[kind]
+    key = (kind, weight, center, p, one_sided, sampling)
+    try:
+        # (value, type) pairs: 1 and True, or 2 and 2.0, are equal keys but not the same argument
+        key = tuple((v, type(v)) for v in key)
+        return _overridden[key]
+    except (KeyError, TypeError):  # not seen yet, or an unhashable argument (refused below)
+        pass
+    base = PRESETS[kind]
+    cfg = PenaltyConfig(*check_parameters(base.weight if weight is None else weight,
+                                          base.center if center is None else center,
+                                          base.p if p is None else p,
+                                          base.one_sided if one_sided is None else one_sided),
+                        sampling=base.sampling if sampling is None else sampling)
+    if not isinstance(cfg.sampling, str) or cfg.sampling not in STRATEGIES:
         raise ValueError(f"sampling: expected one of {STRATEGIES}, got {cfg.sampling!r}")
+    if len(_overridden) < 256:
+        _overridden[key] = cfg
     return cfg
+
+
+_overridden: dict[tuple, PenaltyConfig] = {}
 
 
 def _check_pair(real, fake) -> None:
@@ -74,8 +101,58 @@ def _check_pair(real, fake) -> None:
             raise ValueError(f"{name}: expected shape (B, ...) with B >= 1, got {tuple(t.shape)} (empty batch)")
     if real.shape != fake.shape:
         raise ValueError(f"fake: expected the shape of real {tuple(real.shape)}, got {tuple(fake.shape)}")
+    if real.dtype != fake.dtype:  # else torch.cat promotes silently, or the critic fails in its first matmul
+        raise ValueError(f"fake: expected the dtype of real ({real.dtype}), got {fake.dtype}")
     if real.device != fake.device:
         raise ValueError(f"fake: expected the device of real ({real.device}), got {fake.device}")
+
+
+def _check_generator(generator, real: torch.Tensor) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    device = generator.device
+    if device != real.device and device.type != real.device.type:  # (.type costs ~1 us: only when they differ)
+        raise ValueError(f"generator: expected a torch.Generator on the samples' device ({real.device.type}), "
+                         f"got one on {generator.device}")
+
+
+def _check_strategy_fits(strategy: str, real: torch.Tensor) -> None:
+    if strategy == "perturbed-real" and real.numel() < 2:  # std of one value: NaN points
+        raise ValueError(f"real: perturbed-real scales its noise by real's std, which needs 2 or more values, "
+                         f"got shape {tuple(real.shape)}")
+
+
+def _check_critic(critic) -> None:
+    if not callable(critic):
+        raise ValueError(f"critic: expected a callable (a Module or a function of a batch), "
+                         f"got {type(critic).__name__}")
+
+
+def _check_output(out, rows: int) -> None:
+    """The critic's output on ``rows`` samples: a floating tensor of shape (rows, ...), one or more
+    values per sample."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"critic: expected a tensor output, got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != rows or out.numel() == 0:
+        raise ValueError(f"critic: expected an output of shape ({rows}, ...) with one or more values per input "
+                         f"sample, got {tuple(out.shape)}")
+    if not out.is_floating_point():
+        raise ValueError(f"critic: expected a floating-point output, got {out.dtype}")
+
+
+def _check_backend(backend) -> None:
+    """An unknown ``backend`` is refused up front, also where no penalty runs (``penalty=None``,
+    a step skipped by ``every``); a known one is checked against the device where the penalty runs."""
+    if backend is not None and (not isinstance(backend, str) or backend not in BACKENDS):
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _check_scaler(scaler) -> None:
+    if scaler is not None and not (callable(getattr(scaler, "scale", None))
+                                   and callable(getattr(scaler, "get_scale", None))):
+        raise ValueError(f"scaler: expected a torch.amp.GradScaler or None, got {type(scaler).__name__}")
 
 
 def _uniform(shape, like, generator):
@@ -98,17 +175,26 @@ def sample_penalty_points(real, fake, strategy: str = "interpolate", generator: 
     ``"interpolate-mixed"``    real+fake shuffled, random pairs interpolated (B points)
     ``"real+fake"``            the samples themselves (2B points: real, then fake)
     ``"real"`` / ``"fake"``    one side (B points)
-    ``"perturbed-real"``       DRAGAN: real<->(real + 0.5 std(real) U(0,1) noise) (B points)
+    ``"perturbed-real"``       DRAGAN: real<->(real + 0.5 std(real) U(0,1) noise) (B points;
+                               real needs 2 or more values for its std)
     ``generator``: a torch.Generator on the samples' device, for reproducible draws.
+    real and fake: floating tensors (B, ...) of one shape, dtype and device.
     """
     _check_pair(real, fake)
-    if strategy not in STRATEGIES:
+    _check_generator(generator, real)
+    return _sample(real, fake, strategy, generator)
+
+
+def _sample(real, fake, strategy, generator):
+    """``sample_penalty_points`` once real, fake and generator are checked."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    _check_strategy_fits(strategy, real)
     real, fake = real.detach(), fake.detach()
     b = real.shape[0]
 
-    def perm(n):
-        return torch.randperm(n, generator=generator, device="cpu").to(real.device)
+    def perm(n):  # on the generator's device (= the samples'): a CUDA generator cannot draw on the CPU
+        return torch.randperm(n, generator=generator, device=real.device)
 
     if strategy == "interpolate":
         return _lerp(fake, real, _per_sample(real, generator))
@@ -141,13 +227,33 @@ def input_gradient(critic, x, *, scaler=None):
     critic's parameters: the explicit path when the critic has one, else autograd with
     ``create_graph=True``. With a ``GradScaler`` (AMP), the double-backward path scales the
     output before differentiating and unscales the gradient in float32 (PyTorch's AMP notes)."""
+    _check_critic(critic)
     if _supports_input_grad(critic):
         out, grad_x = critic.forward_with_input_grad(x)
+        _check_output(out, x.shape[0])
         return out, grad_x
+    if not torch.is_grad_enabled():
+        # under no_grad (an evaluation), the input gradient still needs autograd; no graph is kept
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("the gradient penalty needs autograd (d critic(x) / dx), which torch.inference_mode() "
+                               "turns off; evaluate it under torch.no_grad() instead")
+        with torch.enable_grad():
+            out, grad_x = _autograd_input_gradient(critic, x, scaler, create_graph=False)
+        return out.detach(), grad_x.detach()
+    return _autograd_input_gradient(critic, x, scaler, create_graph=True)
+
+
+def _autograd_input_gradient(critic, x, scaler, create_graph: bool):
     x = x.detach().requires_grad_(True)
     out = critic(x)
+    _check_output(out, x.shape[0])
+    if not out.requires_grad:
+        raise ValueError("critic: its output does not depend on its input through autograd (it has no grad_fn); "
+                         "the gradient penalty needs d critic(x) / dx")
     seed = out.sum() if scaler is None else scaler.scale(out.float().sum())
-    (grad_x,) = torch.autograd.grad(seed, x, create_graph=True)
+    (grad_x,) = torch.autograd.grad(seed, x, create_graph=create_graph, allow_unused=True)
+    if grad_x is None:  # a critic whose output ignores x (a constant): its input gradient is 0, not an error
+        grad_x = torch.zeros_like(x)
     if scaler is not None:
         grad_x = grad_x.float() * (1.0 / scaler.get_scale())
     return out, grad_x
@@ -155,10 +261,12 @@ def input_gradient(critic, x, *, scaler=None):
 
 def gradient_penalty_reference(critic, points, *, weight: float, center: float, p: float, one_sided: bool = False):
     """Plain PyTorch, the test oracle: autograd's double backward at ``points`` and
-    ``weight * mean phi(per-sample norm over all non-batch dims)``, in float32."""
+    ``weight * mean phi(per-sample norm over all non-batch dims)``, in float32 (float64 for a
+    float64 gradient)."""
     x = points.detach().requires_grad_(True)
     (grad_x,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
-    n = grad_x.flatten(1).float().norm(dim=1)
+    acc = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
+    n = grad_x.reshape(grad_x.shape[0], -1).to(acc).norm(dim=1)
     d = n - center
     return weight * (d.clamp_min(0) if one_sided else d.abs()).pow(p).mean()
 
@@ -177,30 +285,53 @@ def gradient_penalty(critic, real, fake, *, kind: str = "gp", weight=None, cente
     ``"dragan"``, ``"zero-gp"``); explicit ``weight``, ``center``, ``p``, ``one_sided``,
     ``sampling`` override it. ``scaler``: a GradScaler when the critic runs under autocast.
     """
-    cfg = penalty_config(kind, weight=weight, center=center, p=p, one_sided=one_sided, sampling=sampling)
-    x = sample_penalty_points(real, fake, cfg.sampling, generator)
+    _check_critic(critic)
+    _check_pair(real, fake)
+    _check_generator(generator, real)
+    _check_scaler(scaler)
+    _check_backend(backend)
+    cfg = _config(kind, "kind", weight, center, p, one_sided, sampling)
+    x = _sample(real, fake, cfg.sampling, generator)
     _, grad_x = input_gradient(critic, x, scaler=scaler)
     return _penalty(grad_x, cfg, backend)[0]
 
 
 @functools.lru_cache(maxsize=64)
-def _signs(b: int, k: int, device: torch.device) -> torch.Tensor:
-    """-1/(b k) for the b real rows of k outputs, +1/(b k) for the fake ones (float32)."""
-    w = torch.full((2 * b * k,), 1.0 / (b * k), device=device)
+def _signs(b: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """-1/(b k) for the b real rows of k outputs, +1/(b k) for the fake ones."""
+    w = torch.full((2 * b * k,), 1.0 / (b * k), device=device, dtype=dtype)
     w[: b * k] *= -1
     return w
 
 
 def _mean_difference(out: torch.Tensor, b: int) -> torch.Tensor:
-    """mean D(fake) - mean D(real) in float32 from ``out = D(cat(real, fake))``: one dot product
-    (one autograd node) in eager mode; under torch.compile the plain means, which inductor fuses."""
-    flat = out.float().reshape(2 * b, -1)
+    """mean D(fake) - mean D(real) from ``out = D(cat(real, fake))``, in float32 (float64 for a
+    float64 critic, whose loss would otherwise be rounded to float32): one dot product (one
+    autograd node) in eager mode; under torch.compile the plain means, which inductor fuses."""
+    flat = (out if out.dtype == torch.float64 else out.float()).reshape(2 * b, -1)  # (.float(): cheaper than .to)
     if torch.compiler.is_compiling():
         return flat[b:].mean() - flat[:b].mean()
-    return flat.reshape(-1) @ _signs(b, flat.shape[1], out.device)
+    return flat.reshape(-1) @ _signs(b, flat.shape[1], out.device, flat.dtype)
 
 
-_lazy_calls: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
+# critic -> calls so far (every > 1); a bound method counts under its object and function, since
+# `module.forward` is a new object at each access and would never be found again.
+_lazy_calls: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def _lazy_count(critic) -> int:
+    """How many calls with ``critic`` came before this one (``every > 1``); counts this one."""
+    owner, func = getattr(critic, "__self__", None), getattr(critic, "__func__", None)
+    if owner is None or func is None:  # not a bound method
+        owner, func = critic, None
+    try:
+        counts = _lazy_calls.setdefault(owner, {})
+    except TypeError:
+        raise ValueError(f"critic: every > 1 keeps a call count per critic, which needs a critic that can be weakly "
+                         f"referenced (a Module, a function, a bound method), got {type(critic).__name__}") from None
+    count = counts.get(func, 0)
+    counts[func] = count + 1
+    return count
 
 
 def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None, center=None, p=None,
@@ -213,20 +344,35 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
     ``real``, ``fake``: WGAN-div, R1, R2) ONE critic forward on ``cat(real, fake)`` serves both the
     loss and the penalty. ``every=N``: lazy regularization (StyleGAN2): the penalty, scaled by N,
     is applied on every N-th call for this critic (the first call included) and its cost is skipped
-    on the others. Returns ``(loss, stats)``, stats holding detached 0-d tensors ``wasserstein``
-    (mean D(real) - mean D(fake)), ``penalty`` and ``grad_norm`` (mean norm; NaN when skipped).
+    on the others (``critic``: a Module, a function or a bound method, counted per object).
+    Returns ``(loss, stats)``, stats holding detached 0-d tensors ``wasserstein``
+    (mean D(real) - mean D(fake)), ``penalty`` and ``grad_norm`` (mean norm; NaN when skipped);
+    the loss is float32 (float64 for a float64 critic, which then passes a float64 gradcheck).
+
+    Every argument is checked up front, whether or not this call's penalty runs, with a ValueError
+    naming it: real and fake of one shape, dtype and device; a critic output of shape (2B, ...);
+    ``weight`` etc. only with a ``penalty``.
     """
+    _check_critic(critic)
     _check_pair(real, fake)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    if type(every) is not int or every < 1:  # (type, not isinstance: a bool is an int)
         raise ValueError(f"every: expected an int >= 1, got {every!r}")
+    _check_generator(generator, real)
+    _check_scaler(scaler)
+    _check_backend(backend)
     cfg = None
     if penalty is not None:
-        cfg = penalty_config(penalty, weight=weight, center=center, p=p, one_sided=one_sided, sampling=sampling)
+        cfg = _config(penalty, "penalty", weight, center, p, one_sided, sampling)
+        _check_strategy_fits(cfg.sampling, real)  # before the critic runs, and also on steps `every` skips
+    else:
+        for name, value in (("weight", weight), ("center", center), ("p", p), ("one_sided", one_sided),
+                            ("sampling", sampling)):
+            if value is not None:
+                raise ValueError(f"{name}: has no effect with penalty=None (no penalty); pass a penalty preset "
+                                 f"or leave {name} out, got {value!r}")
     apply = cfg is not None
     if apply and every > 1:
-        count = _lazy_calls.get(critic, 0)
-        _lazy_calls[critic] = count + 1
-        apply = count % every == 0
+        apply = _lazy_count(critic) % every == 0
         cfg = replace(cfg, weight=cfg.weight * every)
     b = real.shape[0]
     both = torch.cat([real.detach(), fake.detach()])
@@ -238,20 +384,21 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
         pen, norms = _penalty(grad_x, cfg, backend)
     else:
         out = critic(both)
+        _check_output(out, 2 * b)
         if apply:
-            x = sample_penalty_points(real, fake, cfg.sampling, generator)
+            x = _sample(real, fake, cfg.sampling, generator)
             _, grad_x = input_gradient(critic, x, scaler=scaler)
             pen, norms = _penalty(grad_x, cfg, backend)
     difference = _mean_difference(out, b)  # mean D(fake) - mean D(real)
     loss = difference
     if pen is not None:
         loss = loss + pen
-        grad_norm = norms.detach().float().mean()
-    else:  # NaN on the samples' device, like the other stats
-        grad_norm = torch.full((), math.nan, device=real.device)
+        grad_norm = norms.detach().mean()  # float32 (float64 for a float64 gradient), like the penalty
+    else:  # NaN, in the loss's dtype on the samples' device, like the other stats
+        grad_norm = difference.new_full((), math.nan)
     stats = {
         "wasserstein": -difference.detach(),
-        "penalty": pen.detach() if pen is not None else torch.zeros((), device=loss.device),
+        "penalty": pen.detach() if pen is not None else difference.new_zeros(()),
         "grad_norm": grad_norm,
     }
     return loss, stats

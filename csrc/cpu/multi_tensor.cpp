@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../wk_kernels.h"
@@ -54,6 +56,22 @@ template <typename T> struct OpMath { using type = T; };
 template <> struct OpMath<c10::Half> { using type = float; };
 template <> struct OpMath<c10::BFloat16> { using type = float; };
 
+// A clip bound in the storage type T, rounded as torch converts a double scalar (through float for
+// the 16-bit types): +-inf beyond T's range, i.e. no clipping (float16 with c = 1e5). A static_cast
+// of a double beyond float's range is undefined behaviour; IEEE rounding sends it to inf from
+// FLT_MAX + half an ulp (2^128 - 2^103) on, so that is written out.
+template <typename T>
+T bound_in(double c) {
+  if constexpr (std::is_same_v<T, double>) {
+    return c;
+  } else {
+    constexpr double kFloatOverflow = 0x1.ffffffp+127;
+    const float f = std::fabs(c) >= kFloatOverflow ? std::copysign(std::numeric_limits<float>::infinity(), c)
+                                                   : static_cast<float>(c);
+    return static_cast<T>(f);
+  }
+}
+
 // NaN-propagating clamp (torch.clamp semantics): a NaN compares false and passes through.
 template <typename Op>
 inline Op clamp_value(Op x, Op lo, Op hi) {
@@ -72,11 +90,31 @@ template <typename T>
 void clip_typed(const Span* spans, int n, double c) {
   using Op = typename OpMath<T>::type;
   // Bounds rounded to the storage type first, so results equal a clamp done in T.
-  const Op hi = static_cast<Op>(static_cast<T>(c));
-  const Op lo = static_cast<Op>(static_cast<T>(-c));
+  const Op hi = static_cast<Op>(bound_in<T>(c));
+  const Op lo = static_cast<Op>(bound_in<T>(-c));
   for_each_piece(spans, n, 64 / sizeof(T), [&](int i, int64_t b, int64_t e) {
     clip_piece<T, Op>(static_cast<T*>(spans[i].ptr) + b, e - b, lo, hi);
   });
+}
+
+// x rounded to the storage type T, where torch's step rounds an intermediate tensor (a no-op for
+// float and double).
+template <typename T, typename Op>
+inline Op rounded(Op x) {
+  return static_cast<Op>(static_cast<T>(x));
+}
+
+// a * b + c rounded once, as torch's vectorised kernels compute it, where the target has an FMA
+// instruction (-march=native on any x86-64 CPU since 2013, every aarch64). Without one (a
+// WGAN_KERNELS_PORTABLE build), rounded twice: a libm fma call per element would stop GCC
+// vectorising the loop.
+template <typename Op>
+inline Op mul_add(Op a, Op b, Op c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
 // One contiguous piece: plain pointers and loop-invariant constants, so GCC vectorises it
@@ -88,12 +126,16 @@ void rmsprop_piece(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s
   for (int64_t k = 0; k < n; ++k) {
     Op x = static_cast<Op>(p[k]);
     Op gk = static_cast<Op>(g[k]);
-    if (kDecay) gk = gk + wd * x;
-    // Same order of operations as torch.optim.RMSprop:
-    // square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha); p.addcdiv_(g, sqrt(square_avg) + eps, -lr)
-    const T sk = static_cast<T>(static_cast<Op>(static_cast<T>(static_cast<Op>(s[k]) * alpha)) +
-                                one_minus_alpha * gk * gk);
-    const Op avg = std::sqrt(static_cast<Op>(sk)) + eps;
+    // The operations of torch.optim.RMSprop as torch's vectorised CPU kernels do them (float32 and
+    // float64 give torch's square_avg bit for bit): g = g.add(p, alpha=wd) is fma(wd, p, g);
+    // square_avg.mul_(alpha).addcmul_(g, g, 1 - alpha) is fma((1 - alpha) g, g, alpha square_avg);
+    // p.addcdiv_(g, square_avg.sqrt().add_(eps), -lr) is p + (-lr g) / denominator (torch's sqrt
+    // is not always correctly rounded: p may differ by an ulp). Float16/bfloat16 intermediates are
+    // rounded where torch's are: unrounded, a float16 denominator 0 + 1e-8 gave finite steps where
+    // torch's (rounded to 0) gives inf. (torch's own scalar and vectorised paths differ at ties.)
+    if (kDecay) gk = rounded<T>(mul_add(wd, x, gk));
+    const T sk = static_cast<T>(mul_add(one_minus_alpha * gk, gk, rounded<T>(static_cast<Op>(s[k]) * alpha)));
+    const Op avg = rounded<T>(rounded<T>(std::sqrt(static_cast<Op>(sk))) + eps);
     x = x + (-lr) * gk / avg;
     if (kClip) x = clamp_value(x, lo, hi);
     s[k] = sk;
@@ -107,8 +149,8 @@ void rmsprop_typed(const Span* params, const Span* grads, const Span* sqs, int n
   const Op lr = static_cast<Op>(hp.lr), alpha = static_cast<Op>(hp.alpha);
   const Op one_minus_alpha = static_cast<Op>(1.0 - hp.alpha), eps = static_cast<Op>(hp.eps);
   const Op wd = static_cast<Op>(hp.weight_decay);
-  const Op hi = static_cast<Op>(static_cast<T>(hp.clip_value));
-  const Op lo = static_cast<Op>(static_cast<T>(-hp.clip_value));
+  const Op hi = static_cast<Op>(bound_in<T>(hp.clip_value));
+  const Op lo = static_cast<Op>(bound_in<T>(-hp.clip_value));
   for_each_piece(params, n, 64 / sizeof(T), [&](int i, int64_t b, int64_t e) {
     rmsprop_piece<T, Op, kClip, kDecay>(static_cast<T*>(params[i].ptr) + b, static_cast<const T*>(grads[i].ptr) + b,
                                         static_cast<T*>(sqs[i].ptr) + b, e - b, lr, alpha, one_minus_alpha, eps, wd,

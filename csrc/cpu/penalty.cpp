@@ -19,7 +19,7 @@ template <> struct Acc<double> { using type = double; };
 
 double phi(double n, const PenaltySpec& s) {
   double d = n - s.center;
-  if (s.one_sided) d = d > 0 ? d : 0;
+  if (s.one_sided) d = d < 0 ? 0.0 : d;  // (not d > 0 ? d : 0, which would turn a NaN norm into 0)
   else d = std::fabs(d);
   return s.p == 2.0 ? d * d : std::pow(d, s.p);
 }
@@ -29,7 +29,7 @@ double phi(double n, const PenaltySpec& s) {
 double scale_of(double n, const PenaltySpec& s) {
   if (s.center == 0.0 && s.p >= 2.0) return s.p == 2.0 ? 2.0 : s.p * std::pow(n, s.p - 2.0);
   double d = n - s.center, dphi;
-  if (s.one_sided) dphi = d > 0 ? s.p * std::pow(d, s.p - 1.0) : 0.0;
+  if (s.one_sided) dphi = d < 0 ? 0.0 : s.p * std::pow(d, s.p - 1.0);  // NaN stays NaN; pow(0, p-1) = 0
   else dphi = (d > 0 ? 1.0 : (d < 0 ? -1.0 : 0.0)) * s.p * std::pow(std::fabs(d), s.p - 1.0);
   return dphi / (n > s.eps ? n : s.eps);
 }

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import requested_backend, resolve
-from .._checks import finite_number
+from .._backend import BACKENDS, requested_backend, resolve
+from .._checks import FLOAT32_MAX, finite_real
 from .._triton import tl, triton
 
 __all__ = ["leaky_relu_with_mask", "leaky_relu_with_mask_reference", "masked_scale", "masked_scale_reference"]
@@ -48,7 +48,9 @@ def _check_float(name: str, t) -> None:
 
 
 def _check_slope(negative_slope) -> float:
-    return finite_number("negative_slope", negative_slope)
+    # |slope| within float32's range: torch's leaky_relu refuses a slope that overflows its float
+    # conversion, and a float32/float16 kernel would turn it into inf (0 * inf = NaN where g = 0)
+    return finite_real("negative_slope", negative_slope, max_abs=FLOAT32_MAX)
 
 
 def _check_bias(x: torch.Tensor, bias) -> None:
@@ -61,6 +63,11 @@ def _check_bias(x: torch.Tensor, bias) -> None:
         raise ValueError(f"bias: expected shape ({x.shape[1]},) (x's dim 1), got {tuple(bias.shape)}")
     if bias.dtype != x.dtype or bias.device != x.device:
         raise ValueError(f"bias: expected x's dtype and device ({x.dtype}, {x.device}), got ({bias.dtype}, {bias.device})")
+
+
+def _check_backend_type(backend) -> None:
+    if backend is not None and not isinstance(backend, str):  # (resolve compares names: an array would be ambiguous)
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
 
 
 def _check_mask(g: torch.Tensor, mask) -> None:
@@ -95,11 +102,14 @@ def masked_scale_reference(g, mask, negative_slope: float):
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
+    # slope is annotated tl.float64 (a bare Python float would reach a compiled kernel as float32,
+    # inexact for float64 input) and converted once to the compute type.
 
     @triton.jit
-    def _leaky_relu_mask_kernel(x_ptr, b_ptr, y_ptr, mask_ptr, n, inner, channels, slope,
+    def _leaky_relu_mask_kernel(x_ptr, b_ptr, y_ptr, mask_ptr, n, inner, channels, slope_arg: tl.float64,
                                 HAS_BIAS: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
         acc_t = tl.float64 if F64 else tl.float32
+        slope = tl.full([], slope_arg, acc_t)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         x = tl.load(x_ptr + offs, mask=inside, other=0.0)
@@ -113,8 +123,10 @@ if triton is not None:
         tl.store(mask_ptr + offs, positive.to(tl.uint8), mask=inside)
 
     @triton.jit
-    def _masked_scale_kernel(g_ptr, mask_ptr, out_ptr, n, slope, F64: tl.constexpr, BLOCK: tl.constexpr):
+    def _masked_scale_kernel(g_ptr, mask_ptr, out_ptr, n, slope_arg: tl.float64, F64: tl.constexpr,
+                             BLOCK: tl.constexpr):
         acc_t = tl.float64 if F64 else tl.float32
+        slope = tl.full([], slope_arg, acc_t)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(acc_t)
@@ -211,6 +223,7 @@ def leaky_relu_with_mask(x, negative_slope: float = 0.01, bias=None, *, backend:
     _check_bias(x, bias)
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
+    _check_backend_type(backend)
     if resolve(OP, x.device, backend) == "reference" or torch.compiler.is_compiling():
         return leaky_relu_with_mask_reference(x, slope, bias)
     return _LeakyReLUWithMask.apply(x, bias, slope)
@@ -225,6 +238,7 @@ def masked_scale(g, mask, negative_slope: float, *, backend: str | None = None):
     _check_float("g", g)
     _check_mask(g, mask)
     slope = _check_slope(negative_slope)
+    _check_backend_type(backend)
     if resolve(OP, g.device, backend) == "reference" or torch.compiler.is_compiling():
         return masked_scale_reference(g, mask, slope)
     return _MaskedScale.apply(g, mask, slope)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import extension, resolve
-from .._checks import finite_number
+from .._backend import BACKENDS, extension, resolve
+from .._checks import FLOAT32_MAX, finite_real
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = ["grad_norm_penalty", "grad_norm_penalty_reference", "EPS"]
@@ -36,7 +36,7 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_args(grads, weight, center, p, one_sided) -> tuple[float, float, float, bool]:
+def _check_grads(grads) -> None:
     if not isinstance(grads, torch.Tensor):
         raise ValueError(f"grads: expected a tensor, got {type(grads).__name__}")
     if grads.dtype not in _DTYPES:
@@ -45,14 +45,25 @@ def _check_args(grads, weight, center, p, one_sided) -> tuple[float, float, floa
     if grads.dim() < 1 or grads.shape[0] == 0:
         raise ValueError(f"grads: expected shape (B, ...) with B >= 1, got {tuple(grads.shape)} (empty batch)")
 
-    weight, center, p = (finite_number(n, x) for n, x in (("weight", weight), ("center", center), ("p", p)))
-    if weight < 0:
-        raise ValueError(f"weight: expected a number >= 0, got {weight}")
-    if p <= 1:
-        raise ValueError(f"p: expected a number > 1, got {p}")
+
+def check_parameters(weight, center, p, one_sided) -> tuple[float, float, float, bool]:
+    """The penalty's hyper-parameters as ``(weight, center, p, one_sided)`` floats and a bool,
+    or a ValueError naming the first bad one: finite real numbers (numpy scalars too, no bools)
+    within float32's range (the float32 kernels and the reference convert them to float32: a
+    weight of 1e39 would be inf there, and inf * 0 = NaN where the penalty is 0), ``weight >= 0``,
+    ``p > 1``, ``one_sided`` a bool. ``wgan_kernels.losses`` checks its presets' overrides with
+    the same rules."""
+    weight = finite_real("weight", weight, low=0.0, max_abs=FLOAT32_MAX)
+    center = finite_real("center", center, max_abs=FLOAT32_MAX)
+    p = finite_real("p", p, low=1.0, low_inclusive=False, max_abs=FLOAT32_MAX)
     if not isinstance(one_sided, bool):
         raise ValueError(f"one_sided: expected a bool, got {one_sided!r}")
     return weight, center, p, one_sided
+
+
+def _check_args(grads, weight, center, p, one_sided) -> tuple[float, float, float, bool]:
+    _check_grads(grads)
+    return check_parameters(weight, center, p, one_sided)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,10 +78,18 @@ def _phi(n, center, p, one_sided):
     return (d.clamp_min(0) if one_sided else d.abs()).pow(p)
 
 
+def _rows(grads: torch.Tensor) -> torch.Tensor:
+    """``grads`` as (B, numel / B): one row per sample, also for 1-D grads (B,) (``flatten(1)``
+    refuses those)."""
+    return grads.reshape(grads.shape[0], -1)
+
+
 def grad_norm_penalty_reference(grads, *, weight: float, center: float, p: float, one_sided: bool = False):
-    """Plain PyTorch: ``weight * mean(phi(grads.flatten(1).norm(dim=1)))`` in float32 (float64
-    for float64 input); differentiable by autograd (its gradient is NaN at n_i = 0)."""
-    g = grads.flatten(1).to(_acc_dtype(grads.dtype))
+    """Plain PyTorch: ``weight * mean_i phi(||grads_i||)`` in float32 (float64 for float64 input),
+    the norm over all non-batch dims of ``grads`` (B, ...); for 1-D grads (B,) each sample's
+    gradient is a scalar and its norm ``|grads_i|``. Differentiable by autograd (its gradient is
+    NaN at n_i = 0)."""
+    g = _rows(grads).to(_acc_dtype(grads.dtype))
     return weight * _phi(g.pow(2).sum(1).sqrt(), center, p, one_sided).mean()
 
 
@@ -99,18 +118,26 @@ def _scale_derivative_over_n(n, center, p, one_sided):
 # ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
+    # Float arguments are annotated tl.float64: left bare, a compiled kernel takes a Python float as
+    # float32, which rounds center = 0.4 (say) before a float64 input's norms are compared with it.
+    # Each kernel converts them once to its accumulation type (tl.full keeps float64 exact under the
+    # interpreter too, where tl.cast of a Python float goes through float32).
+    # NaN propagates as in the reference: `where(x > 0, ..., 0)` and tl.maximum (fmax on a GPU)
+    # would each turn a NaN norm into a penalty of 0.
 
     @triton.jit
     def _pow_pos(x, e):
-        # x ** e for x >= 0, e > 0 (0 at x = 0)
-        return tl.where(x > 0, tl.exp2(e * tl.log2(tl.maximum(x, 1e-30))), 0.0)
+        # x ** e for x >= 0, e > 0: 0 at x = 0, NaN for NaN
+        return tl.where(x > 0, tl.exp2(e * tl.log2(tl.maximum(x, 1e-30))), x * 0.0)
 
     @triton.jit
-    def _penalty_fwd_kernel(g_ptr, norms_ptr, phi_ptr, cols, center, p,
+    def _penalty_fwd_kernel(g_ptr, norms_ptr, phi_ptr, cols, center_arg: tl.float64, p_arg: tl.float64,
                             ONE_SIDED: tl.constexpr, ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = g_ptr + row * cols
         acc_t = tl.float64 if ACC_F64 else tl.float32
+        center = tl.full([], center_arg, acc_t)
+        p = tl.full([], p_arg, acc_t)
         acc = tl.zeros([BLOCK], dtype=acc_t)
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -118,32 +145,35 @@ if triton is not None:
             acc += x * x
         n = tl.sqrt(tl.sum(acc, axis=0))
         d = n - center
-        d = tl.maximum(d, 0.0) if ONE_SIDED else tl.abs(d)
+        d = tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL) if ONE_SIDED else tl.abs(d)
         tl.store(norms_ptr + row, n)
         tl.store(phi_ptr + row, _pow_pos(d, p))
 
     @triton.jit
-    def _penalty_bwd_kernel(g_ptr, out_ptr, norms_ptr, grad_out_ptr, cols, weight_over_rows, center, p, eps,
+    def _penalty_bwd_kernel(g_ptr, out_ptr, norms_ptr, grad_out_ptr, cols, weight_over_rows_arg: tl.float64,
+                            center_arg: tl.float64, p_arg: tl.float64, eps_arg: tl.float64,
                             ONE_SIDED: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
         # MODE 0: center 0 and p == 2 (a = 2); 1: center 0 and p > 2 (a = p n^(p-2)); 2: general.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         n = tl.load(norms_ptr + row)
+        acc_t = n.dtype
+        p = tl.full([], p_arg, acc_t)
         if MODE == 0:
             a = n * 0.0 + 2.0
         elif MODE == 1:
             a = p * _pow_pos(n, p - 2.0)
         else:
-            d = n - center
+            d = n - tl.full([], center_arg, acc_t)
             if ONE_SIDED:
-                dphi = p * _pow_pos(tl.maximum(d, 0.0), p - 1.0)
+                dphi = p * _pow_pos(tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL), p - 1.0)
             else:
                 dphi = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * p * _pow_pos(tl.abs(d), p - 1.0)
-            a = dphi / tl.maximum(n, eps)
-        c = tl.load(grad_out_ptr).to(a.dtype) * weight_over_rows * a
+            a = dphi / tl.maximum(n, tl.full([], eps_arg, acc_t))
+        c = tl.load(grad_out_ptr).to(acc_t) * tl.full([], weight_over_rows_arg, acc_t) * a
         mask = offs < cols
         x = tl.load(g_ptr + row * cols + offs, mask=mask, other=0.0)
-        tl.store(out_ptr + row * cols + offs, (c * x.to(a.dtype)).to(x.dtype), mask=mask)
+        tl.store(out_ptr + row * cols + offs, (c * x.to(acc_t)).to(x.dtype), mask=mask)
 
 
 def _triton_forward(g2, center, p, one_sided):
@@ -280,10 +310,12 @@ def grad_norm_penalty_and_norms(grads, *, weight: float, center: float, p: float
     """``(penalty, norms)``: the penalty of ``grad_norm_penalty`` and the per-sample norms
     (float32/float64, not differentiable) it computed on the way, for logging."""
     weight, center, p, one_sided = _check_args(grads, weight, center, p, one_sided)
+    if backend is not None and not isinstance(backend, str):  # (resolve compares names: an array would be ambiguous)
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     chosen = resolve("grad_norm_penalty", grads.device, backend)
     if chosen == "reference":
         with torch.no_grad():
-            norms = grads.detach().flatten(1).to(_acc_dtype(grads.dtype)).norm(dim=1)
+            norms = _rows(grads.detach()).to(_acc_dtype(grads.dtype)).norm(dim=1)
         return grad_norm_penalty_reference(grads, weight=weight, center=center, p=p, one_sided=one_sided), norms
     return _GradNormPenalty.apply(grads, weight, center, p, one_sided, chosen)
 
@@ -292,8 +324,13 @@ def grad_norm_penalty(grads, *, weight: float, center: float, p: float, one_side
                       backend: str | None = None):
     """``weight * mean_i phi(||grads_i||_2)`` with ``phi(n) = |n - center|^p`` (or
     ``max(0, n - center)^p`` if ``one_sided``), the norm over all non-batch dims of ``grads``
-    (shape (B, ...)), accumulated in float32 whatever the input dtype; returns a 0-d float32
+    (shape (B, ...); for 1-D grads (B,) each sample's gradient is a scalar, its norm
+    ``|grads_i|``), accumulated in float32 whatever the input dtype; returns a 0-d float32
     tensor (float64 for float64 input). Differentiable (twice and more) w.r.t. ``grads``.
+
+    ``weight`` (>= 0), ``center``, ``p`` (> 1): finite real numbers (numpy scalars too) within
+    float32's range; ``one_sided``: a bool. Anything else is a ValueError naming the argument,
+    the same on every backend.
 
     ``backend``: ``"auto"``, ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpp"``
     (CPU), ``"reference"``.

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._backend import extension, resolve
-from .._checks import finite_number, tensor_list
+from .._checks import (SELF_OVERLAPPING, check_backend, check_not_inference, finite_number, has_internal_overlap,
+                       overlapping_pair, tensor_list)
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = [
@@ -59,6 +60,14 @@ def _check_eps(eps) -> float:
     return finite_number("eps", eps, low=0, low_inclusive=False)
 
 
+def _check_eps_fits(eps: float, dtype: torch.dtype, weight: str) -> None:
+    """The reference (torch's ``F.normalize``) clamps norms to eps in the weight's dtype and
+    refuses an eps beyond that dtype's range (1e5 for float16); so do the kernels."""
+    if eps > 65504.0 and dtype.is_floating_point and eps > torch.finfo(dtype).max:
+        raise ValueError(f"eps: expected a number <= {torch.finfo(dtype).max} (the largest {dtype} value, the dtype "
+                         f"of {weight}), got {eps!r}")
+
+
 def _check_inputs(weights, us, vs, n_power_iterations, eps):
     n = _check_iterations(n_power_iterations)
     eps = _check_eps(eps)
@@ -73,6 +82,7 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
         if w.dtype not in _DTYPES:
             raise ValueError(f"weights[{i}]: expected a floating-point tensor (float32, float64, float16, bfloat16), "
                              f"got {w.dtype}")
+        _check_eps_fits(eps, w.dtype, f"weights[{i}]")
         for name, t, length in (("us", u, w.shape[0]), ("vs", v, w.shape[1])):
             if t.shape != (length,) or t.dtype != w.dtype or t.device != w.device:
                 raise ValueError(f"{name}[{i}]: expected a 1-D tensor of {length} values, dtype {w.dtype}, device "
@@ -81,10 +91,28 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
             if t.requires_grad:
                 raise ValueError(f"{name}[{i}]: updated in place, so it must not require grad (u and v are buffers, "
                                  "constants for autograd)")
-    pointers = [t.data_ptr() for t in us + vs if t.numel()]
-    if len(set(pointers)) != len(pointers):
-        raise ValueError("us, vs: every u and v must be its own tensor (two entries share memory)")
+            check_not_inference(t, f"{name}[{i}]")
+            if has_internal_overlap(t):
+                raise ValueError(f"{name}[{i}]: {SELF_OVERLAPPING}")
+    if not torch.compiler.is_compiling():  # addresses of traced tensors mean nothing
+        _check_no_aliasing(weights, us, vs)
     return weights, us, vs, n, eps
+
+
+def _check_no_aliasing(weights, us, vs) -> None:
+    """u and v are written while every W is read (by all backends, in different orders): no u or v
+    may share memory with another u or v or with any weight, across all entries. Decided from
+    byte ranges (``overlapping_pair``), the same way for every backend."""
+    pair = overlapping_pair(weights + us + vs, read_only=len(weights))
+    if pair is None:
+        return
+    n = len(weights)
+    first, second = (("weights", "us", "vs")[k // n] + f"[{k % n}]" for k in pair)
+    if first.startswith("weights"):
+        raise ValueError(f"{second}: overlaps {first} (they share memory); u and v are updated in place and must not "
+                         "alias a weight")
+    raise ValueError(f"us, vs: {first} and {second} share memory; each u and v is updated in place and must be its "
+                     "own tensor")
 
 
 # ----------------------------------------------------------------------------- reference
@@ -294,8 +322,10 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
     launch per (device, dtype) group), ``"cpp"`` (CPU) or ``"reference"``. Kernels accumulate in
     float32 (float64 for float64); the reference computes in the weights' dtype, as torch does.
     u and v are written in place outside autograd (version counters bumped); they must not
-    require grad.
+    require grad, be inference tensors outside ``torch.inference_mode()``, be expanded, or share
+    memory with each other or with any weight (ValueError naming them, on every backend).
     """
+    check_backend("power_iteration_", backend)
     weights, us, vs, n, eps = _check_inputs(weights, us, vs, n_power_iterations, eps)
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):
@@ -320,9 +350,11 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
                     for t in u_list + v_list:
                         torch.autograd.graph.increment_version(t)
                     updated = u_list + v_list
-            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)):
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)
+                                                 and not torch.is_inference_mode_enabled()):
                 # one node for the group; u, v snapshotted in one copy (later in-place updates of
-                # the buffers must not disturb this graph)
+                # the buffers must not disturb this graph). Under inference mode autograd records
+                # nothing, even with grad mode turned back on (the reference's ops do not either).
                 values = list(_Sigmas.apply(raw, torch.cat(updated), *ws))
             else:  # no graph wanted: just the values
                 values = list(raw.to(ws[0].dtype).unbind())
@@ -339,7 +371,9 @@ def initial_vectors(mat: torch.Tensor, eps: float, extra: int = 0) -> tuple[torc
     same order as torch's parametrization (so a seeded init gives torch's u, v), normalised, then
     15 warm-up iterations with the reference (the same numbers as torch), plus ``extra``: the
     iterations of the check forward that ``register_parametrization`` runs (``n_power_iterations``
-    when the layer is in training mode), for layers that are not registered as parametrizations."""
+    when the layer is in training mode), for layers that are not registered as parametrizations.
+    An eps beyond the weight dtype's range is refused (ValueError naming ``eps``)."""
+    _check_eps_fits(eps, mat.dtype, "the weight")
     mat = mat.detach()
     u = F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
     v = F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)
@@ -368,6 +402,7 @@ class SpectralNorm(nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, int) or not (-max(ndim, 1) <= dim < max(ndim, 1)):
             raise ValueError(f"dim: expected an int in [-{max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim!r}")
         self.dim = dim % ndim if ndim else 0
+        _check_eps_fits(self.eps, weight.dtype, "the weight")
         self.batched = False
         self._cached_sigma: torch.Tensor | None = None
         if ndim > 1:
