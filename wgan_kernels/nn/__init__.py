@@ -12,6 +12,15 @@ differentiable ops, so the penalty needs one first-order ``.backward()`` and wor
 
 Blocks have the torch layers' constructors, parameter names and forwards.
 
+Layout (imports run downward, no cycles; nothing here imports losses or train):
+``explicit_ops.py`` one ``Op`` class per operation (forward, input-gradient VJP, tangent, weight
+gradient, flags), the only place a layer's explicit path is written, and the registry ``OPS``;
+``_chain.py`` the one-node autograd node and its tape, running a tree of those ops;
+``layers.py`` the blocks (nn.Modules made from the op classes, plus ``Sequential`` / ``Residual``),
+the layer-by-layer chain; ``spectral.py`` the SN blocks; ``convert.py`` ``from_torch``.
+Adding a layer type is one op class in explicit_ops.py (and its tests): its block
+(``wgan_kernels.nn.<TorchName>``) and ``from_torch`` conversion follow from the registry.
+
 Gradient order: the piecewise-linear critics' one-node path is first-order (a second derivative
 through it, e.g. a Hessian-vector product, raises ``RuntimeError``; use the plain torch critic's
 double backward for those); the layer-by-layer chain of the other critics is differentiable twice.
@@ -35,6 +44,14 @@ from .layers import (
     supports_input_grad,
 )
 from .spectral import SNConv2d, SNLinear
+
+
+def __getattr__(name: str):
+    """The blocks of op classes that layers.py does not name (the newer activations): see
+    ``explicit_ops.py``, where adding an op class is all a new layer type takes."""
+    from . import layers  # noqa: PLC0415
+
+    return getattr(layers, name)
 
 __all__ = [
     "AvgPool2d",

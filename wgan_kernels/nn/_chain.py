@@ -1,18 +1,21 @@
 """One autograd node for a whole piecewise-linear critic on the explicit path.
 
-A ``Sequential`` of ``Linear``, ``Conv2d``, ``LeakyReLU`` (slope >= 0), ``ReLU``, ``AvgPool2d`` and
-``Flatten`` blocks, and of ``Sequential`` and ``Residual`` blocks made of those (MLP, DCGAN and
-ResNet critics), gets ``(out, grad_x)`` from ``_PiecewiseLinearChain``: one autograd node instead
-of one per op (about 25 for a 4-layer MLP, each with its saved tensors and engine bookkeeping),
-and a hand-written backward that needs fewer matrix products than autograd's.
+A program of piecewise-linear ops (explicit_ops.py: ``Linear``, ``Conv2d``, ``LeakyReLU`` with a
+slope >= 0, ``ReLU``, ``AvgPool2d``, ``Flatten`` and any other op flagged ``piecewise_linear``,
+in ``SequentialOp`` / ``ResidualOp`` composites: MLP, DCGAN and ResNet critics) gets
+``(out, grad_x)`` from ``_PiecewiseLinearChain``: one autograd node instead of one per op (about
+25 for a 4-layer MLP, each with its saved tensors and engine bookkeeping), and a hand-written
+backward that needs fewer matrix products than autograd's. This module keeps only the tape and
+the node; what each op computes (forward, adjoint, tangent, weight gradient) is its op class's.
 
 Notation, affine layers j = 1..n (a Linear, or a Conv2d): ``z_j = A_j(h_{j-1}) + b_j`` with ``A_j``
 linear (``h W^T``, or the convolution), ``J_j^T`` its adjoint (``g W``, or the transposed
-convolution); between them the activations ``h = act(z)``, whose derivative ``m = act'(z)`` is 1
-where ``z > 0`` and the slope elsewhere, so it is read off ``h`` (same sign as ``z`` for a slope
->= 0), and the linear maps without parameters (``Flatten``'s reshape, ``AvgPool2d``). A
-``Residual`` adds its branches: forward ``body(h) + shortcut(h)``, and every walk below splits at
-it and sums the branches (the chain rule on a graph).
+convolution); between them the activations ``h = act(z)``, whose derivative ``m = act'(z)`` is a
+piecewise-constant diagonal read off ``h`` (for a LeakyReLU: 1 where ``z > 0`` and the slope
+elsewhere, ``h`` having ``z``'s sign for a slope >= 0), and the linear maps without parameters
+(``Flatten``'s reshape, ``AvgPool2d``). A ``Residual`` adds its branches: forward
+``body(h) + shortcut(h)``, and every walk below splits at it and sums the branches (the chain
+rule on a graph).
 
 Forward: ``out``, then the input gradient of ``out.sum()`` by the chain rule,
 ``g = ones``; per affine layer from the last, ``dz_j = g`` (the gradient at its output, masks
@@ -51,56 +54,12 @@ the layer-by-layer chain is the reference it is tested against.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .._backend import requested_backend
 
-# The program ``plan`` builds: nested, hashable op tuples, each with its slot in the saved lists.
-#   ("linear", j)   ("conv", j, stride, padding, dilation, groups)   weight, bias = params[2j:2j+2]
-#   ("act", i, slope)   ("flatten", i, start, end)   ("pool", i, kernel, stride, padding, ceil_mode,
-#   count_include_pad, divisor_override)   ("seq", ops)   ("res", body, shortcut or None)
-_AFFINE = ("linear", "conv")
-
-
-def _act_backward(g: torch.Tensor, h: torch.Tensor, slope: float) -> torch.Tensor:
-    """``g * act'(z)`` read off ``h = act(z)``: aten's own one-pass kernels."""
-    if slope == 0.0:
-        return torch.ops.aten.threshold_backward(g, h, 0)
-    return torch.ops.aten.leaky_relu_backward(g, h, slope, True)
-
-
-def _forward(op, h, weight, bias):
-    """``A(h) + b``."""
-    if op[0] == "linear":
-        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-    return F.conv2d(h, weight, bias, *op[2:])
-
-
-def _apply(op, h, weight):
-    """``A(h)``, no bias: the penalty chain's step."""
-    if op[0] == "linear":
-        return h @ weight.t()
-    return F.conv2d(h, weight, None, *op[2:])
-
-
-def _conv_backward(op, grad_out, inp, weight, mask):
-    stride, padding, dilation, groups = op[2:]
-    return torch.ops.aten.convolution_backward(grad_out, inp, weight, None, stride, padding, dilation, False,
-                                               [0, 0], groups, mask)
-
-
-def _adjoint(op, g, inp, weight):
-    """``A^T(g)``, shaped like the layer's input ``inp``."""
-    if op[0] == "linear":
-        return g @ weight
-    return _conv_backward(op, g, inp, weight, [True, False, False])[0]
-
-
-def _weight_grad(op, inp, grad_out, weight):
-    """The weight gradient of ``<grad_out, A(inp)>``: sums over samples (and positions)."""
-    if op[0] == "linear":
-        return grad_out.t() @ inp
-    return _conv_backward(op, grad_out, inp, weight, [False, True, False])[1]
+# The program ``plan`` builds is a tree of explicit_ops.Op objects (``SequentialOp`` /
+# ``ResidualOp`` over leaf ops), each leaf with its slot in the tape; the chain below only walks
+# it (``run``, ``walk_back``, ``walk_forward``, ``followed_by_act``) and never looks inside an op.
 
 
 def _bias_grad(grad_out, a=None):
@@ -117,123 +76,33 @@ def _per_sample(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return a.reshape((like.shape[0],) + (1,) * (like.dim() - 1))
 
 
-def _add(x, y):
-    return y if x is None else x if y is None else x + y
-
-
 class _Tape:
-    """What the forward keeps, by slot: the input of each affine layer, the output of each
-    activation, the input shape of each reshape or pooling; and the weights."""
+    """What the forward keeps, by slot: each op's saved value (an affine op's input, an
+    activation's output, a reshape's or pooling's input shape), the gradient at each affine op's
+    output (``dz``) and the parameter values each op reads (``params``)."""
 
-    def __init__(self, inputs, dzs, acts, shapes, weights):
-        self.inputs, self.dzs, self.acts, self.shapes, self.weights = inputs, dzs, acts, shapes, weights
+    __slots__ = ("saved", "dz", "params")
 
-    @classmethod
-    def empty(cls, n_affine, n_act, n_shape, weights):
-        return cls([None] * n_affine, [None] * n_affine, [None] * n_act, [None] * n_shape, weights)
-
-
-def _run(op, h, tape, biases):
-    """The forward, filling ``tape``."""
-    kind = op[0]
-    if kind in _AFFINE:
-        tape.inputs[op[1]] = h
-        return _forward(op, h, tape.weights[op[1]], biases[op[1]])
-    if kind == "act":
-        h = F.leaky_relu(h, op[2]) if op[2] else F.relu(h)
-        tape.acts[op[1]] = h
-        return h
-    if kind == "flatten":
-        tape.shapes[op[1]] = h.shape
-        return h.flatten(op[2], op[3])
-    if kind == "pool":
-        tape.shapes[op[1]] = h.shape
-        return F.avg_pool2d(h, *op[2:])
-    if kind == "seq":
-        for sub in op[1]:
-            h = _run(sub, h, tape, biases)
-        return h
-    body, shortcut = op[1:]
-    return _run(body, h, tape, biases) + (h if shortcut is None else _run(shortcut, h, tape, biases))
+    def __init__(self, n_slots: int):
+        self.saved = [None] * n_slots
+        self.dz = [None] * n_slots
+        self.params = [()] * n_slots
 
 
-def _walk_back(op, g, tape, at_affine):
-    """The chain rule from an op's output to its input: ``g`` through every adjoint, and
-    ``at_affine(j, g)`` with the gradient at affine layer j's output."""
-    kind = op[0]
-    if kind in _AFFINE:
-        at_affine(op[1], g)
-        return _adjoint(op, g, tape.inputs[op[1]], tape.weights[op[1]])
-    if kind == "act":
-        return _act_backward(g, tape.acts[op[1]], op[2])
-    if kind == "flatten":
-        return g.reshape(tape.shapes[op[1]])
-    if kind == "pool":  # the adjoint needs the input's shape only: a stand-in of that shape
-        shape = tape.shapes[op[1]]
-        return torch.ops.aten.avg_pool2d_backward(g, g.new_empty((1,) * len(shape)).expand(shape), *op[2:])
-    if kind == "seq":
-        for sub in reversed(op[1]):
-            g = _walk_back(sub, g, tape, at_affine)
-        return g
-    body, shortcut = op[1:]
-    return _walk_back(body, g, tape, at_affine) + (g if shortcut is None else _walk_back(shortcut, g, tape, at_affine))
+class _Program:
+    """The op tree of ``plan``, its number of tape slots and the slots of its affine ops (in
+    the order of the node's parameter inputs)."""
 
+    __slots__ = ("root", "n_slots", "param_slots")
 
-def _walk_forward(op, psi, tape, at_affine):
-    """The masked linear map from an op's input to its output (the penalty chain): ``psi``
-    through every op with the masks frozen and no biases (None stays None: no penalty), and
-    ``at_affine(j, psi)`` with the value at affine layer j's input."""
-    kind = op[0]
-    if kind in _AFFINE:
-        at_affine(op[1], psi)
-        return None if psi is None else _apply(op, psi, tape.weights[op[1]])
-    if kind == "seq":
-        for sub in op[1]:
-            psi = _walk_forward(sub, psi, tape, at_affine)
-        return psi
-    if kind == "res":
-        body, shortcut = op[1:]
-        return _add(_walk_forward(body, psi, tape, at_affine),
-                    psi if shortcut is None else _walk_forward(shortcut, psi, tape, at_affine))
-    if psi is None:
-        return None
-    if kind == "act":
-        return _act_backward(psi, tape.acts[op[1]], op[2])
-    if kind == "flatten":
-        return psi.flatten(op[2], op[3])
-    return F.avg_pool2d(psi, *op[2:])
+    def __init__(self, root, n_slots, param_slots):
+        self.root, self.n_slots, self.param_slots = root, n_slots, param_slots
 
-
-def _affine_ops(op):
-    """The affine ops by slot."""
-    if op[0] in _AFFINE:
-        return [op]
-    if op[0] == "seq":
-        return [a for sub in op[1] for a in _affine_ops(sub)]
-    if op[0] == "res":
-        return _affine_ops(op[1]) + ([] if op[2] is None else _affine_ops(op[2]))
-    return []
-
-
-def _followed_by_act(op, after: bool, out: list) -> bool:
-    """Fills ``out[j]``: whether an activation comes after affine layer j on some path to the
-    output (then its bias reaches grad_x, through a mask). Returns whether one comes from the
-    op's input on."""
-    kind = op[0]
-    if kind in _AFFINE:
-        out[op[1]] = after
-        return after
-    if kind == "act":
-        return True
-    if kind == "seq":
-        for sub in reversed(op[1]):
-            after = _followed_by_act(sub, after, out)
-        return after
-    if kind == "res":
-        body = _followed_by_act(op[1], after, out)
-        shortcut = after if op[2] is None else _followed_by_act(op[2], after, out)  # both walked: they fill out
-        return body or shortcut
-    return after
+    def tape(self, params) -> _Tape:
+        tape = _Tape(self.n_slots)
+        for i, slot in enumerate(self.param_slots):
+            tape.params[slot] = (params[2 * i], params[2 * i + 1])
+        return tape
 
 
 SECOND_ORDER_ERROR = (
@@ -289,17 +158,26 @@ class _PiecewiseLinearChain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, program, x, *params):
-        root, n_affine, n_act, n_shape = program
-        weights, biases = params[0::2], params[1::2]
-        tape = _Tape.empty(n_affine, n_act, n_shape, weights)
-        out = _run(root, x, tape, biases)
-        grad_x = _walk_back(root, torch.ones_like(out), tape, tape.dzs.__setitem__)
-        ctx.program, ctx.shapes = program, tape.shapes
-        ctx.has_bias = [b is not None for b in biases]
-        ctx.bias_in_grad_x = [False] * n_affine
-        _followed_by_act(root, False, ctx.bias_in_grad_x)
+        root, slots = program.root, program.param_slots
+        tape = program.tape(params)
+        out = root.run(x, tape)
+        dz = tape.dz
+
+        def at_affine(op, g):
+            dz[op.slot] = g
+
+        grad_x = root.walk_back(torch.ones_like(out), tape, at_affine)
+        tensors, tensor_slots, others = [], [], []
+        for i, s in enumerate(tape.saved):
+            if isinstance(s, torch.Tensor):
+                tensors.append(s)
+                tensor_slots.append(i)
+            else:
+                others.append((i, s))
+        ctx.program, ctx.tensor_slots, ctx.others = program, tensor_slots, others
+        ctx.has_bias = [b is not None for b in params[1::2]]
         ctx.per_sample = out.numel() == out.shape[0]
-        ctx.save_for_backward(*tape.inputs, *tape.dzs, *tape.acts, *weights, grad_x)
+        ctx.save_for_backward(*tensors, *(dz[i] for i in slots), *params[0::2], grad_x)
         ctx.set_materialize_grads(False)  # an unused output costs no products in the backward
         return out, grad_x
 
@@ -315,135 +193,101 @@ class _PiecewiseLinearChain(torch.autograd.Function):
 
     @staticmethod
     def _first_order(ctx, a, c):
-        root, n, n_act, _ = ctx.program
+        program = ctx.program
+        root, slots = program.root, program.param_slots
         saved = ctx.saved_tensors
-        tape = _Tape(saved[:n], saved[n:2 * n], saved[2 * n:2 * n + n_act], ctx.shapes,
-                     saved[2 * n + n_act:3 * n + n_act])
-        affine = _affine_ops(root)
+        n_t, n = len(ctx.tensor_slots), len(slots)
+        tape = _Tape(program.n_slots)
+        for i, t in zip(ctx.tensor_slots, saved[:n_t]):
+            tape.saved[i] = t
+        for i, s in ctx.others:
+            tape.saved[i] = s
+        for k, slot in enumerate(slots):
+            tape.dz[slot] = saved[n_t + k]
+            tape.params[slot] = (saved[n_t + n + k], None)  # the bias is not read
         fused = a is not None and ctx.per_sample  # the loss chain folded into the penalty's
         d_w: list[torch.Tensor | None] = [None] * n
         d_b: list[torch.Tensor | None] = [None] * n
 
-        def weight_grads(j, psi):  # at affine j's input: the penalty chain's value psi
-            inp, dz = tape.inputs[j], tape.dzs[j]
+        def weight_grads(op, psi):  # at affine op's input: the penalty chain's value psi
+            k = op.index
+            inp, dz = tape.saved[op.slot], tape.dz[op.slot]
             u = psi
             if fused:
                 a_h = _per_sample(a, inp)
                 u = inp * a_h if psi is None else torch.addcmul(psi, inp, a_h)
-                if ctx.has_bias[j]:
-                    d_b[j] = _bias_grad(dz, a)
+                if ctx.has_bias[k]:
+                    d_b[k] = _bias_grad(dz, a)
             if u is not None:
-                d_w[j] = _weight_grad(affine[j], u, dz, tape.weights[j])
+                d_w[k] = op.weight_grad(tape.params[op.slot], u, dz)
 
-        def loss_grads(j, e):  # several outputs per sample: the loss chain's gradient e
-            dw = _weight_grad(affine[j], tape.inputs[j], e, tape.weights[j])
-            d_w[j] = dw if d_w[j] is None else d_w[j] + dw
-            if ctx.has_bias[j]:
-                d_b[j] = _bias_grad(e)
+        def loss_grads(op, e):  # several outputs per sample: the loss chain's gradient e
+            k = op.index
+            dw = op.weight_grad(tape.params[op.slot], tape.saved[op.slot], e)
+            d_w[k] = dw if d_w[k] is None else d_w[k] + dw
+            if ctx.has_bias[k]:
+                d_b[k] = _bias_grad(e)
 
         d_x = None
         if c is not None or fused:
-            _walk_forward(root, c, tape, weight_grads)
+            root.walk_forward(c, tape, weight_grads)
             if fused and ctx.needs_input_grad[1]:
                 grad_x = saved[-1]
                 d_x = grad_x * _per_sample(a, grad_x)
         if a is not None and not fused:
-            d_x = _walk_back(root, a, tape, loss_grads)
+            d_x = root.walk_back(a, tape, loss_grads)
             d_x = d_x if ctx.needs_input_grad[1] else None
         grads: list[torch.Tensor | None] = [None, d_x]
-        for j, (dw, db) in enumerate(zip(d_w, d_b)):
-            if db is None and ctx.has_bias[j] and c is not None and ctx.bias_in_grad_x[j]:
+        bias_in_grad_x = {}  # by affine slot: whether an activation follows it on some path
+        if c is not None:
+            root.followed_by_act(False, bias_in_grad_x)
+        for k, (dw, db) in enumerate(zip(d_w, d_b)):
+            if db is None and ctx.has_bias[k] and c is not None and bias_in_grad_x[slots[k]]:
                 # grad_x alone: zeros for a bias that reaches it through a mask (derivative 0 a.e.),
                 # as autograd gives, so an optimizer steps on it alike; None for the others
-                db = tape.weights[j].new_zeros(tape.weights[j].shape[0])
+                weight = tape.params[slots[k]][0]
+                db = weight.new_zeros(weight.shape[0])
             grads += [dw, db]
         return tuple(grads)
 
 
 class _Planner:
-    """Builds the program of ``plan``: op tuples with their slots, the parameters in slot order,
-    and the number of dimensions along the way (None: not this node)."""
+    """What ``Op.plan`` reads and fills: the input, and the leaf ops by tape slot (walk order)."""
+
+    __slots__ = ("x", "ops")
 
     def __init__(self, x):
-        from .layers import AvgPool2d, Conv2d, Flatten, LeakyReLU, Linear, ReLU, Residual, Sequential  # noqa: PLC0415
-
-        self.kinds = dict(AvgPool2d=AvgPool2d, Conv2d=Conv2d, Flatten=Flatten, LeakyReLU=LeakyReLU, Linear=Linear,
-                          ReLU=ReLU, Residual=Residual, Sequential=Sequential)
-        self.x, self.params, self.n_act, self.n_shape = x, [], 0, 0
-
-    def op(self, layer, dim):
-        """``(op, dim after)`` or None."""
-        k, kind = self.kinds, type(layer)
-        if kind is k["Linear"] or kind is k["Conv2d"]:
-            if dim != (2 if kind is k["Linear"] else 4) or (kind is k["Conv2d"] and layer._unsupported("") is not None):
-                return None
-            w = layer.weight
-            if w.dtype != self.x.dtype or w.device != self.x.device:
-                return None  # the layer-by-layer path raises its clear error
-            j = len(self.params) // 2
-            self.params += [w, layer.bias]
-            if kind is k["Linear"]:
-                return ("linear", j), dim
-            return ("conv", j, tuple(layer.stride), tuple(layer._numeric_padding()), tuple(layer.dilation),
-                    layer.groups), dim
-        if kind is k["ReLU"] or (kind is k["LeakyReLU"] and layer.negative_slope >= 0):
-            self.n_act += 1
-            return ("act", self.n_act - 1, 0.0 if kind is k["ReLU"] else float(layer.negative_slope)), dim
-        if kind is k["Flatten"]:
-            start, end = layer.start_dim % dim, layer.end_dim % dim
-            if start == 0 or start > end:  # the batch dimension stays: the backward is per sample
-                return None
-            self.n_shape += 1
-            return ("flatten", self.n_shape - 1, start, end), dim - (end - start)
-        if kind is k["AvgPool2d"]:
-            if dim != 4:
-                return None
-            self.n_shape += 1
-            kernel, stride = layer.kernel_size, layer.stride if layer.stride is not None else layer.kernel_size
-            return ("pool", self.n_shape - 1, _pair(kernel), _pair(stride), _pair(layer.padding), layer.ceil_mode,
-                    layer.count_include_pad, layer.divisor_override), dim
-        if kind is k["Sequential"]:
-            ops = []
-            for sub in layer._modules.values():
-                got = self.op(sub, dim)
-                if got is None:
-                    return None
-                ops.append(got[0])
-                dim = got[1]
-            return ("seq", tuple(ops)), dim
-        if kind is k["Residual"]:
-            body = self.op(layer.body, dim)
-            shortcut = None if layer.shortcut is None else self.op(layer.shortcut, dim)
-            if body is None or (layer.shortcut is not None and shortcut is None):
-                return None
-            if body[1] != (dim if shortcut is None else shortcut[1]):
-                return None
-            return ("res", body[0], None if shortcut is None else shortcut[0]), body[1]
-        return None
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        self.x, self.ops = x, []
 
 
 def plan(seq, x: torch.Tensor):
-    """``(program, params)`` when ``seq`` (a ``wgan_kernels.nn.Sequential``) can take the one-node
-    path on ``x``, else None: blocks ``Linear`` (on 2-D input), ``Conv2d`` (on 4-D input, zero
-    padding), ``LeakyReLU`` with a slope >= 0, ``ReLU``, ``AvgPool2d`` (4-D), ``Flatten`` (not of
-    the batch dimension), and ``Sequential`` / ``Residual`` of those, exactly those classes (no
-    subclasses such as ``SNLinear``), at least one affine layer, weights of the input's dtype and
-    device; no autocast, not inside ``torch.compile`` (inductor fuses the layer-by-layer chain
-    itself), and ``WGAN_KERNELS_BACKEND`` neither ``reference`` (the layer-by-layer chain of aten
-    ops) nor ``triton`` (the layer-by-layer chain with the Triton activation-mask kernels)."""
+    """``(program, params)`` when ``seq`` (a ``wgan_kernels.nn.Sequential``, or any block whose
+    ``_op()`` gives an op tree) can take the one-node path on ``x``, else None: every op
+    piecewise-linear with ``chain_dim`` accepting it (blocks ``Linear`` on 2-D input, ``Conv2d``
+    on 4-D input with zero padding, ``LeakyReLU`` with a slope >= 0, ``ReLU``, ``AvgPool2d`` (4-D),
+    ``Flatten`` (not of the batch dimension), and ``Sequential`` / ``Residual`` of those, exactly
+    those classes: no subclasses such as ``SNLinear``), at least one affine op, weights of the
+    input's dtype and device; no autocast, not inside ``torch.compile`` (inductor fuses the
+    layer-by-layer chain itself), and ``WGAN_KERNELS_BACKEND`` neither ``reference`` (the
+    layer-by-layer chain of aten ops) nor ``triton`` (the layer-by-layer chain with the Triton
+    activation-mask kernels)."""
     if requested_backend(None) in ("reference", "triton") or x.dim() < 2:
         return None
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
         return None
-    planner = _Planner(x)
-    got = planner.op(seq, x.dim())
-    if got is None or not planner.params:
+    root = seq._op()
+    if root is None:
         return None
-    return (got[0], len(planner.params) // 2, planner.n_act, planner.n_shape), planner.params
+    planner = _Planner(x)
+    if root.plan(planner, x.dim()) is None:
+        return None
+    slots = [i for i, op in enumerate(planner.ops) if op.has_params]
+    if not slots:
+        return None
+    for k, i in enumerate(slots):
+        planner.ops[i].index = k
+    params = [p for i in slots for p in planner.ops[i].params]
+    return _Program(root, len(planner.ops), slots), params
 
 
 def forward_with_input_grad(program, params, x):

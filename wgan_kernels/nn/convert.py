@@ -6,25 +6,13 @@ from collections import OrderedDict
 
 from torch import nn
 
-from . import layers
-from .layers import InputGradModule, Residual, Sequential
+from .explicit_ops import OPS
+from .layers import InputGradModule, Residual, Sequential, block_for
 from .spectral import from_torch_spectral
 
-# Exact types only: a subclass of a torch layer may change its forward, and a parametrized layer
-# has a generated subclass; both are refused, not converted silently (spectral norm excepted: it
-# becomes an SN block).
-_BLOCKS = {
-    nn.Linear: layers.Linear,
-    nn.Conv2d: layers.Conv2d,
-    nn.LeakyReLU: layers.LeakyReLU,
-    nn.ReLU: layers.ReLU,
-    nn.Softplus: layers.Softplus,
-    nn.ELU: layers.ELU,
-    nn.SiLU: layers.SiLU,
-    nn.Tanh: layers.Tanh,
-    nn.AvgPool2d: layers.AvgPool2d,
-    nn.Flatten: layers.Flatten,
-}
+# Exact types only (the keys of explicit_ops.OPS): a subclass of a torch layer may change its
+# forward, and a parametrized layer has a generated subclass; both are refused, not converted
+# silently (spectral norm excepted: it becomes an SN block).
 
 
 def from_torch(module: nn.Module, _path: str = "module") -> InputGradModule:
@@ -32,10 +20,11 @@ def from_torch(module: nn.Module, _path: str = "module") -> InputGradModule:
     wgan_kernels.nn equivalent. The result shares the same Parameter objects (an optimizer on
     either model trains both) and has the same state_dict keys.
 
-    Supported: Linear, Conv2d (zero padding), LeakyReLU, ReLU, Softplus, ELU, SiLU, Tanh,
-    AvgPool2d, Flatten, Sequential; a Linear / Conv2d with spectral norm (torch's
-    parametrization or ``wgan_kernels.spectral_norm``) becomes ``SNLinear`` / ``SNConv2d``
-    sharing its weight and its u, v buffers; wgan_kernels.nn blocks pass through (containers are rebuilt
+    Supported: every torch layer that an op class of explicit_ops.py describes (``OPS``: Linear,
+    Conv2d with zero padding, LeakyReLU, ReLU, Softplus, ELU, SiLU, Tanh, AvgPool2d, Flatten and
+    more), Sequential; a Linear / Conv2d with spectral norm (torch's parametrization or
+    ``wgan_kernels.spectral_norm``) becomes ``SNLinear`` / ``SNConv2d`` sharing its weight and its
+    u, v buffers; wgan_kernels.nn blocks pass through (containers are rebuilt
     around converted children). Anything else raises ``ValueError`` naming the layer's position.
     """
     if not isinstance(module, nn.Module):
@@ -57,12 +46,12 @@ def from_torch(module: nn.Module, _path: str = "module") -> InputGradModule:
         block = spectral
     elif isinstance(module, InputGradModule):
         block = module
-    elif type(module) in _BLOCKS:
-        block = _BLOCKS[type(module)]._from_torch(module).train(module.training)
+    elif block_for(type(module)) is not None:
+        block = block_for(type(module))._from_torch(module)
     else:
         raise ValueError(
             f"{_path}: {type(module).__name__} is not supported by wgan_kernels.nn.from_torch "
-            f"(supported: {', '.join(t.__name__ for t in _BLOCKS)}, Sequential)"
+            f"(supported: {', '.join(t.__name__ for t in OPS)}, Sequential)"
         )
     reason = block._unsupported(_path)
     if reason is not None:

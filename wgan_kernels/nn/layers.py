@@ -1,43 +1,74 @@
 """Critic layers that return their input gradient explicitly ("double backward made single").
 
 Each block is the torch layer of the same name (same constructor, same ``weight``/``bias``, same
-``forward``) plus two methods, written side by side:
+``forward``) whose explicit path is described by one op class of explicit_ops.py (its
+``op_type``): the block builds that op from itself (``_op``, sharing its parameters) and
 
-- ``_forward_saving(x) -> (y, saved)``: the forward, keeping what the backward needs;
-- ``_input_grad(saved, grad_y) -> grad_x``: the layer's vector-Jacobian product, built from plain
-  differentiable ops.
+- ``_forward_saving(x) -> (y, saved)`` runs the op's forward, keeping what the backward needs;
+- ``_input_grad(saved, grad_y) -> grad_x`` runs the op's vector-Jacobian product, built from
+  plain differentiable ops.
 
 ``forward_with_input_grad(x)`` runs the first and then the second with ``grad_y = ones_like(out)``,
 giving ``(out, d out.sum() / dx)``. Because ``grad_x`` is an ordinary function of the parameters,
 a gradient penalty on it needs one first-order ``.backward()``: no ``create_graph=True``, so it
 works under ``torch.compile``, CUDA graphs and DDP.
+
+The leaf block classes are made from their op classes (``block_class``): a new op class in
+explicit_ops.py gets its block, ``from_torch`` conversion and ``wgan_kernels.nn.<Name>`` with no
+edit here. Imports run one way: layers -> _chain -> explicit_ops -> wgan_kernels.ops.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from ..ops import activation as _act
 from . import _chain
+from . import explicit_ops as _ops
+from .explicit_ops import OPS, Mask, check_matches_weight
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_check_matches_weight = check_matches_weight  # the name spectral.py and older code import
 
 
 class InputGradModule(nn.Module):
-    """Base of the blocks: ``forward_with_input_grad`` on top of the two per-layer methods."""
+    """Base of the blocks: ``forward_with_input_grad`` on top of the block's op (``op_type``)."""
+
+    op_type: type[_ops.Op] | None = None
+
+    def _op(self) -> _ops.Op | None:
+        """The op describing this block on the one-node chain (its parameters shared), or None
+        where it has none: a subclass (an SN block, a user's) may have changed the forward."""
+        op_type = type(self).__dict__.get("op_type")  # the block class itself, not a subclass
+        return None if op_type is None else op_type.from_module(self)  # chain_dim refuses what it cannot run
 
     def _forward_saving(self, x: torch.Tensor):
-        raise NotImplementedError
+        op = self.op_type.from_module(self)
+        y, saved = op.forward_fused(op.params, x)
+        return y, (op, saved)
 
     def _input_grad(self, saved, grad_y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        op, s = saved
+        return op.vjp(op.params, s, grad_y)
 
     def _unsupported(self, path: str) -> str | None:
         """Why this module has no explicit input-gradient path (None: it has one)."""
-        return None
+        return None if self.op_type is None else self.op_type.unsupported(self, path)
+
+    @classmethod
+    def _from_torch(cls, m: nn.Module) -> InputGradModule:
+        """The block for torch module ``m`` (of the block's torch class): the same attributes,
+        the same Parameter and buffer objects (shared, not copied)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        own = set(new.__dict__)
+        for key, value in m.__dict__.items():
+            if key not in own:
+                new.__dict__[key] = value
+        new._parameters.update(m._parameters)
+        new._buffers.update(m._buffers)
+        new._non_persistent_buffers_set.update(m._non_persistent_buffers_set)
+        return new.train(m.training)
 
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(out, grad_x)``: ``out == self(x)`` and ``grad_x`` (shape of ``x``) equal to
@@ -63,6 +94,36 @@ class InputGradModule(nn.Module):
                 batch.after(self, (x,), None)
 
 
+_BLOCKS: dict[type, type[InputGradModule]] = {}  # torch module type -> its block class
+
+
+def block_class(op_type: type[_ops.Op]) -> type[InputGradModule]:
+    """The block of an op class: a subclass of ``InputGradModule`` and of the op's torch class
+    (so the torch constructor, parameters and ``forward``), made once and cached."""
+    torch_type = op_type.torch_type
+    cls = _BLOCKS.get(torch_type)
+    if cls is None:
+        name = torch_type.__name__
+        doc = f"``torch.nn.{name}`` with an explicit input gradient: {op_type.__doc__}"
+        cls = type(name, (InputGradModule, torch_type),
+                   {"op_type": op_type, "__doc__": doc, "__module__": __name__, "__qualname__": name})
+        _BLOCKS[torch_type] = cls
+    return cls
+
+
+def block_for(torch_type: type) -> type[InputGradModule] | None:
+    """The block class for a torch module class (exact type), None when no op describes it."""
+    op_type = OPS.get(torch_type)
+    return None if op_type is None else block_class(op_type)
+
+
+def __getattr__(name: str):  # blocks of op classes not named above (added to explicit_ops.py only)
+    for torch_type, op_type in OPS.items():
+        if torch_type.__name__ == name:
+            return block_class(op_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def supports_input_grad(module: nn.Module) -> bool:
     """True when ``module.forward_with_input_grad`` works: a wgan_kernels.nn block whose
     sub-blocks (for ``Sequential`` and ``Residual``) all have the explicit path."""
@@ -78,29 +139,6 @@ def _check_input(x) -> None:
         raise ValueError(f"x is empty (shape {tuple(x.shape)})")
 
 
-def _check_matches_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
-    if x.dtype != weight.dtype or x.device != weight.device:
-        raise ValueError(
-            f"x ({x.dtype}, {x.device}) must have the dtype and device of the layer's weight "
-            f"({weight.dtype}, {weight.device})"
-        )
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    """float16/bfloat16 -> float32 so an activation's derivative is rounded once, like torch's
-    own kernels (which compute in float32 internally); other dtypes unchanged."""
-    return t.float() if t.dtype in _LOW_PRECISION else t
-
-
-class _Mask:
-    """What a LeakyReLU/ReLU saves on the mask path: ``(x > 0)`` as a bool tensor."""
-
-    __slots__ = ("mask",)
-
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-
-
 def _not_a_block(path: str, module: nn.Module) -> str:
     return (
         f"{path}: {type(module).__name__} is not supported by wgan_kernels.nn (no explicit input "
@@ -108,235 +146,17 @@ def _not_a_block(path: str, module: nn.Module) -> str:
     )
 
 
-# ----------------------------------------------------------------------------------------------
-# Layers with parameters
-# ----------------------------------------------------------------------------------------------
-
-
-class Linear(InputGradModule, nn.Linear):
-    """``torch.nn.Linear`` with an explicit input gradient: y = x W^T + b, dx = dy W."""
-
-    def _forward_saving(self, x):
-        _check_matches_weight(x, self.weight)
-        return F.linear(x, self.weight, self.bias), None
-
-    def _input_grad(self, saved, grad_y):
-        return grad_y @ self.weight
-
-    @classmethod
-    def _from_torch(cls, m: nn.Linear) -> "Linear":
-        new = cls(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        new.weight, new.bias = m.weight, m.bias
-        return new
-
-
-class Conv2d(InputGradModule, nn.Conv2d):
-    """``torch.nn.Conv2d`` (zero padding) with an explicit input gradient: dx is the transposed
-    convolution of dy with the same weight, stride, padding, dilation and groups; its
-    ``output_padding`` restores the input size that the strided forward rounded away."""
-
-    def _unsupported(self, path):
-        if self.padding_mode != "zeros":
-            return f"{path}: Conv2d with padding_mode={self.padding_mode!r} is not supported (only 'zeros')"
-        if self.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(self.dilation, self.kernel_size)):
-            return (
-                f"{path}: Conv2d with padding='same' and an even (dilated) kernel pads unevenly; "
-                f"not supported"
-            )
-        return None
-
-    def _numeric_padding(self) -> tuple[int, int]:
-        if self.padding == "valid":
-            return (0, 0)
-        if self.padding == "same":
-            return tuple(d * (k - 1) // 2 for d, k in zip(self.dilation, self.kernel_size))
-        return self.padding
-
-    def _forward_saving(self, x):
-        _check_matches_weight(x, self.weight)
-        return self._conv_forward(x, self.weight, self.bias), x.shape[-2:]
-
-    def _forward_saving_without_bias(self, x):
-        """The convolution without its bias, for ``Sequential`` to fuse the bias into the
-        activation that follows (one pass over the output instead of two)."""
-        _check_matches_weight(x, self.weight)
-        return self._conv_forward(x, self.weight, None), x.shape[-2:]
-
-    def _input_grad(self, in_size, grad_y):
-        padding = self._numeric_padding()
-        output_padding = [
-            size_in - ((size_out - 1) * s - 2 * p + d * (k - 1) + 1)
-            for size_in, size_out, s, p, d, k in zip(
-                in_size, grad_y.shape[-2:], self.stride, padding, self.dilation, self.kernel_size
-            )
-        ]
-        return F.conv_transpose2d(
-            grad_y, self.weight, None, self.stride, padding, output_padding, self.groups, self.dilation
-        )
-
-    @classmethod
-    def _from_torch(cls, m: nn.Conv2d) -> "Conv2d":
-        new = cls(
-            m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-            m.groups, bias=m.bias is not None, padding_mode=m.padding_mode, device="meta",
-        )
-        new.weight, new.bias = m.weight, m.bias
-        return new
-
-
-# ----------------------------------------------------------------------------------------------
-# Activations. Piecewise-linear ones save a mask; smooth ones save x (or y) and multiply by the
-# analytic derivative, itself differentiable so the penalty reaches earlier parameters.
-# ``inplace=True`` is honoured by ``forward``; the saving path never works in place (it must keep x).
-# ----------------------------------------------------------------------------------------------
-
-
-class LeakyReLU(InputGradModule, nn.LeakyReLU):
-    """y = x if x > 0 else slope * x; dx = dy where x > 0, slope * dy elsewhere."""
-
-    def _forward_saving(self, x):
-        if _act.fused(x.device):  # CUDA: Triton kernels, a 1-byte mask saved instead of x
-            y, mask = _act.leaky_relu_with_mask(x, self.negative_slope, backend="triton")
-            return y, _Mask(mask)
-        return F.leaky_relu(x, self.negative_slope), x
-
-    def _input_grad(self, x, grad_y):
-        if isinstance(x, _Mask):
-            return _act.masked_scale(grad_y, x.mask, self.negative_slope, backend="triton")
-        # aten's own backward kernel: one vectorised pass (torch.where with a bool mask is several
-        # times slower on CPU), and differentiable in grad_y (its derivative is itself).
-        return torch.ops.aten.leaky_relu_backward(grad_y, x, self.negative_slope, False)
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.negative_slope, m.inplace)
-
-
-class ReLU(InputGradModule, nn.ReLU):
-    """y = max(x, 0); dx = dy where x > 0, 0 elsewhere."""
-
-    negative_slope = 0.0  # for the mask path, shared with LeakyReLU
-
-    def _forward_saving(self, x):
-        if _act.fused(x.device):
-            y, mask = _act.leaky_relu_with_mask(x, 0.0, backend="triton")
-            return y, _Mask(mask)
-        return F.relu(x), x
-
-    def _input_grad(self, x, grad_y):
-        if isinstance(x, _Mask):
-            return _act.masked_scale(grad_y, x.mask, 0.0, backend="triton")
-        return torch.ops.aten.threshold_backward(grad_y, x, 0)  # dy where x > 0, else 0
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.inplace)
-
-
-class Softplus(InputGradModule, nn.Softplus):
-    """y = log(1 + exp(beta x)) / beta (x where beta x > threshold); dy/dx = sigmoid(beta x)
-    (1 above the threshold)."""
-
-    def _forward_saving(self, x):
-        return F.softplus(x, self.beta, self.threshold), x
-
-    def _input_grad(self, x, grad_y):
-        bx, g = self.beta * _upcast(x), _upcast(grad_y)
-        return torch.where(bx > self.threshold, g, g * torch.sigmoid(bx)).to(grad_y.dtype)
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.beta, m.threshold)
-
-
-class ELU(InputGradModule, nn.ELU):
-    """y = x if x > 0 else alpha (exp(x) - 1); dy/dx = 1 if x > 0 else alpha exp(x)."""
-
-    def _forward_saving(self, x):
-        return F.elu(x, self.alpha), x
-
-    def _input_grad(self, x, grad_y):
-        x, g = _upcast(x), _upcast(grad_y)
-        # exp of min(x, 0): the unused branch of where must stay finite, or its zero gradient
-        # times inf becomes NaN in the penalty's backward.
-        return torch.where(x > 0, g, g * self.alpha * torch.exp(x.clamp(max=0))).to(grad_y.dtype)
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.alpha, m.inplace)
-
-
-class SiLU(InputGradModule, nn.SiLU):
-    """y = x sigmoid(x); dy/dx = s (1 + x (1 - s)) with s = sigmoid(x)."""
-
-    def _forward_saving(self, x):
-        return F.silu(x), x
-
-    def _input_grad(self, x, grad_y):
-        x, g = _upcast(x), _upcast(grad_y)
-        s = torch.sigmoid(x)
-        return (g * s * (1 + x * (1 - s))).to(grad_y.dtype)
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.inplace)
-
-
-class Tanh(InputGradModule, nn.Tanh):
-    """y = tanh(x); dy/dx = 1 - y^2."""
-
-    def _forward_saving(self, x):
-        y = torch.tanh(x)
-        return y, y
-
-    def _input_grad(self, y, grad_y):
-        y, g = _upcast(y), _upcast(grad_y)
-        return (g * (1 - y * y)).to(grad_y.dtype)
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls()
-
-
-# ----------------------------------------------------------------------------------------------
-# Shape and pooling layers (linear maps: the input gradient is their adjoint)
-# ----------------------------------------------------------------------------------------------
-
-
-class AvgPool2d(InputGradModule, nn.AvgPool2d):
-    """``torch.nn.AvgPool2d`` with its adjoint as input gradient.
-
-    The adjoint is aten's ``avg_pool2d_backward``: a plain op (linear in ``grad_y``, its own
-    derivative defined, lowered by inductor) that is exact for every option (padding,
-    ``ceil_mode``, ``count_include_pad``, ``divisor_override``), where a hand-built transposed
-    convolution would need per-window divisors and edge cropping."""
-
-    def _forward_saving(self, x):
-        return self.forward(x), x
-
-    def _input_grad(self, x, grad_y):
-        return torch.ops.aten.avg_pool2d_backward(
-            grad_y, x, _pair(self.kernel_size), _pair(self.stride), _pair(self.padding),
-            self.ceil_mode, self.count_include_pad, self.divisor_override,
-        )
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
-
-
-class Flatten(InputGradModule, nn.Flatten):
-    """Reshape forward, reshape back."""
-
-    def _forward_saving(self, x):
-        return x.flatten(self.start_dim, self.end_dim), x.shape
-
-    def _input_grad(self, shape, grad_y):
-        return grad_y.reshape(shape)
-
-    @classmethod
-    def _from_torch(cls, m):
-        return cls(m.start_dim, m.end_dim)
+# The leaf blocks: each is its op class's block (see explicit_ops.py for what each computes)
+Linear = block_class(_ops.LinearOp)
+Conv2d = block_class(_ops.Conv2dOp)
+LeakyReLU = block_class(_ops.LeakyReLUOp)
+ReLU = block_class(_ops.ReLUOp)
+Softplus = block_class(_ops.SoftplusOp)
+ELU = block_class(_ops.ELUOp)
+SiLU = block_class(_ops.SiLUOp)
+Tanh = block_class(_ops.TanhOp)
+AvgPool2d = block_class(_ops.AvgPool2dOp)
+Flatten = block_class(_ops.FlattenOp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,6 +178,15 @@ class Sequential(InputGradModule, nn.Sequential):
                 return reason
         return None
 
+    def _op(self):
+        ops = []
+        for layer in self._modules.values():
+            op = layer._op() if isinstance(layer, InputGradModule) else None
+            if op is None:
+                return None
+            ops.append(op)
+        return _ops.SequentialOp(ops)
+
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Piecewise-linear critics (MLP, DCGAN, ResNet): one autograd node for the whole chain (nn/_chain.py),
         # first-order only (a second derivative raises _chain.SECOND_ORDER_ERROR)
@@ -375,9 +204,10 @@ class Sequential(InputGradModule, nn.Sequential):
             if (type(layer) is Conv2d and layer.bias is not None and type(after) in (LeakyReLU, ReLU)
                     and _act.fused(x.device)):
                 # conv without bias, then bias + activation + mask in one pass
-                z, in_size = layer._forward_saving_without_bias(x)
-                x, mask = _act.leaky_relu_with_mask(z, after.negative_slope, layer.bias, backend="triton")
-                saved += [in_size, _Mask(mask)]
+                conv, act = layer.op_type.from_module(layer), after.op_type.from_module(after)
+                z, conv_saved = conv.forward_fused((layer.weight, None), x)
+                x, mask = _act.leaky_relu_with_mask(z, act.slope, layer.bias, backend="triton")
+                saved += [(conv, conv_saved), (act, Mask(mask))]
                 i += 2
                 continue
             x, s = layer._forward_saving(x)
@@ -414,6 +244,15 @@ class Residual(InputGradModule):
             if reason is not None:
                 return reason
         return None
+
+    def _op(self):
+        branches = []
+        for branch in (self.body, self.shortcut):
+            op = branch._op() if isinstance(branch, InputGradModule) else None
+            if op is None and branch is not None:
+                return None
+            branches.append(op)
+        return _ops.ResidualOp(*branches)
 
     def _forward_saving(self, x):
         y, saved_body = self.body._forward_saving(x)

@@ -29,7 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..ops.spectral_norm import SpectralNorm, _check_eps, _check_iterations, _sigma, initial_vectors, power_iteration_
-from .layers import Conv2d, Linear, _check_matches_weight
+from .explicit_ops import Conv2dOp, LinearOp, check_matches_weight
+from .layers import Conv2d, Linear
 
 _KEYS = {  # our name -> torch parametrization's name
     "weight": "parametrizations.weight.original",
@@ -116,12 +117,14 @@ class SNLinear(_SpectralBlock, Linear):
         return self._forward_saving(x)[0]
 
     def _forward_saving(self, x):
-        _check_matches_weight(x, self.weight)
+        check_matches_weight(x, self.weight)
         inv = 1 / self.sigma()
-        return self._scaled(torch.nn.functional.linear(x, self.weight), inv, (-1,)), inv
+        y = self._scaled(torch.nn.functional.linear(x, self.weight), inv, (-1,))
+        return y, (LinearOp.from_module(self), x, inv)
 
-    def _input_grad(self, inv, grad_y):
-        return (grad_y @ self.weight) * inv
+    def _input_grad(self, saved, grad_y):
+        op, x, inv = saved  # the Linear's adjoint, scaled
+        return op.vjp(op.params, x, grad_y) * inv
 
 
 class SNConv2d(_SpectralBlock, Conv2d):
@@ -139,14 +142,14 @@ class SNConv2d(_SpectralBlock, Conv2d):
         return self._forward_saving(x)[0]
 
     def _forward_saving(self, x):
-        _check_matches_weight(x, self.weight)
+        check_matches_weight(x, self.weight)
         inv = 1 / self.sigma()
         y = self._scaled(self._conv_forward(x, self.weight, None), inv, (1, -1, 1, 1))
-        return y, (x.shape[-2:], inv)
+        return y, (Conv2dOp.from_module(self), x, inv)
 
     def _input_grad(self, saved, grad_y):
-        in_size, inv = saved
-        return Conv2d._input_grad(self, in_size, grad_y) * inv
+        op, x, inv = saved  # the Conv2d's adjoint (a transposed convolution), scaled
+        return op.vjp(op.params, x, grad_y) * inv
 
 
 SN_BLOCKS = (SNLinear, SNConv2d)
