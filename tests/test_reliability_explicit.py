@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 import wgan_kernels as wk
+from wgan_kernels._backend import available
 import wgan_kernels.nn as wn
 from wgan_kernels.nn import _chain
 
@@ -57,7 +58,9 @@ CRITICS = {
 
 # "one-node": WGAN_KERNELS_BACKEND unset (the one-node path where it applies); the others force
 # the layer-by-layer chain (aten ops, or the Triton activation-mask kernels under the interpreter)
-PATHS = {"one-node": None, "layer-reference": "reference", "layer-triton": "triton"}
+# (Triton where it can run on CPU tensors: the interpreter; a CPU-only torch has no Triton)
+_TRITON = ["triton"] if available("triton", "cpu") else []
+PATHS = {"one-node": None, "layer-reference": "reference", **{f"layer-{b}": b for b in _TRITON}}
 
 
 @pytest.fixture(params=list(PATHS))
@@ -240,7 +243,7 @@ def test_gradgradcheck_one_node_path_raises(name, monkeypatch):
         torch.autograd.gradgradcheck(f, (x.detach().requires_grad_(), *values), fast_mode=True)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference"] + _TRITON)
 @pytest.mark.parametrize("name", ["mlp-leaky", "smooth"])
 def test_gradgradcheck_layer_by_layer(name, backend, monkeypatch):
     monkeypatch.setenv("WGAN_KERNELS_BACKEND", backend)
