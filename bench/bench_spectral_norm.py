@@ -19,7 +19,8 @@ from conftest import DEVICE, QUICK, interleaved, record
 
 from wgan_kernels.models import dcgan64_critic, resnet32_critic
 from wgan_kernels.nn import from_torch
-from wgan_kernels.ops.spectral_norm import power_iteration_, spectral_norm_all
+from wgan_kernels.nn.spectral import spectral_norm_all
+from wgan_kernels.ops.spectral_norm import power_iteration_
 
 MODELS = {"dcgan64": (dcgan64_critic, (1, 3, 64, 64)), "resnet32": (resnet32_critic, (1, 3, 32, 32))}
 if QUICK:

@@ -33,8 +33,8 @@ from hypothesis import strategies as st
 
 import wgan_kernels as wk
 from wgan_kernels._backend import BACKEND_ENV, available, extension
-from wgan_kernels.ops.spectral_norm import (power_iteration_, power_iteration_reference_, spectral_norm,
-                                            spectral_norm_all)
+from wgan_kernels.nn.spectral import spectral_norm, spectral_norm_all
+from wgan_kernels.ops.spectral_norm import power_iteration_, power_iteration_reference_
 
 HAS_CPP = extension() is not None
 PARAM_BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else [])

@@ -297,6 +297,40 @@ def test_bad_input():
         critic.forward_with_input_grad(torch.randn(3, 13, dtype=torch.float64))
 
 
+class _RecordingHook:
+    def __init__(self, log, tag):
+        self.log, self.tag = log, tag
+
+    def before(self, module, args):
+        self.log.append((self.tag, "before", type(module).__name__, args[0].shape))
+
+    def after(self, module, args, output):
+        self.log.append((self.tag, "after", type(module).__name__, output))
+
+
+def test_input_grad_hooks_run_around_forward_with_input_grad(gen):
+    critic = wn.from_torch(mlp_leaky())
+    x = torch.randn(3, 13, generator=gen)
+    expected = critic.forward_with_input_grad(x)  # no hooks: the one-node chain where it applies
+    assert critic._input_grad_hooks == ()
+    log = []
+    critic.register_input_grad_hook(_RecordingHook(log, "a"))
+    critic.register_input_grad_hook(_RecordingHook(log, "b"))
+    out, grad_x = critic.forward_with_input_grad(x)  # with hooks: the layer-by-layer path
+    torch.testing.assert_close(out, expected[0], msg=lambda m: f"forward_with_input_grad with hooks, out: {m}")
+    torch.testing.assert_close(grad_x, expected[1], msg=lambda m: f"forward_with_input_grad with hooks, grad: {m}")
+    shape = torch.Size([3, 13])
+    assert log == [("a", "before", "Sequential", shape), ("b", "before", "Sequential", shape),
+                   ("a", "after", "Sequential", None), ("b", "after", "Sequential", None)], log
+    log.clear()
+    with pytest.raises(ValueError, match="x .*weight"):  # after runs when the forward raises
+        critic.forward_with_input_grad(torch.randn(3, 13, dtype=torch.float64))
+    assert [entry[:2] for entry in log] == [("a", "before"), ("b", "before"), ("a", "after"), ("b", "after")], log
+    assert type(critic)._input_grad_hooks == (), "hooks must be per instance"
+    with pytest.raises(ValueError, match="hook: expected an object with before"):
+        critic.register_input_grad_hook(lambda module, args: None)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.compile: a whole WGAN-GP critic step
 # ----------------------------------------------------------------------------------------------

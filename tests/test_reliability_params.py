@@ -15,8 +15,9 @@ from torch import nn
 import wgan_kernels as wk
 from wgan_kernels._backend import available, extension
 from wgan_kernels._checks import overlapping_pair
+from wgan_kernels.nn.spectral import spectral_norm, spectral_norm_all
 from wgan_kernels.ops.clip import clip_reference_
-from wgan_kernels.ops.spectral_norm import power_iteration_, spectral_norm, spectral_norm_all
+from wgan_kernels.ops.spectral_norm import power_iteration_
 
 PARAM_BACKENDS = ["reference"] + (["cpp"] if extension() is not None else [])
 SN_BACKENDS = PARAM_BACKENDS + (["triton"] if available("triton", "cpu") else [])

@@ -204,6 +204,12 @@ def test_spectral_norm_all_on_block_critic_swaps_and_batches(gen):
     assert_same_grads(critic2, theirs2, "batched critic step")
     with pytest.raises(ValueError, match="critic: spectral_norm_all was already applied"):
         wk.spectral_norm_all(critic2)
+    # the batching is the critic's one input-gradient hook; a deep copy's hook drives the copy's layers
+    (hook,) = critic2._input_grad_hooks
+    assert [id(m) for m in hook.layers] == [id(critic2[i]) for i in (0, 2, 4)]
+    twin = copy.deepcopy(critic2)
+    (twin_hook,) = twin._input_grad_hooks
+    assert twin_hook is not hook and [id(m) for m in twin_hook.layers] == [id(twin[i]) for i in (0, 2, 4)]
 
 
 def test_eval_mode_freezes_u_v(gen):

@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 from . import nn
 from ._backend import resolve as resolve_backend
 from .losses import PRESETS, STRATEGIES, critic_loss, gradient_penalty, sample_penalty_points
+from .nn.spectral import spectral_norm, spectral_norm_all
 from .ops.clip import ClippedRMSprop, clip_
 from .ops.penalty import grad_norm_penalty
-from .ops.spectral_norm import power_iteration_, spectral_norm, spectral_norm_all
+from .ops.spectral_norm import power_iteration_
 
 __all__ = [
     "__version__",

@@ -12,12 +12,14 @@ differentiable ops, so the penalty needs one first-order ``.backward()`` and wor
 
 Blocks have the torch layers' constructors, parameter names and forwards.
 
-Layout (imports run downward, no cycles; nothing here imports losses or train):
+Layout (imports run downward, no cycles; nothing here imports losses, train or eager; tests/test_imports.py checks):
 ``explicit_ops.py`` one ``Op`` class per operation (forward, input-gradient VJP, tangent, weight
 gradient, flags), the only place a layer's explicit path is written, and the registry ``OPS``;
 ``_chain.py`` the one-node autograd node and its tape, running a tree of those ops;
 ``layers.py`` the blocks (nn.Modules made from the op classes, plus ``Sequential`` / ``Residual``),
-the layer-by-layer chain; ``spectral.py`` the SN blocks; ``convert.py`` ``from_torch``.
+the layer-by-layer chain; ``spectral.py`` spectral norm's modules (the ``SpectralNorm``
+parametrization and ``spectral_norm``, the SN blocks, ``spectral_norm_all``; the op
+``power_iteration_`` is in ``wgan_kernels/ops/spectral_norm.py``); ``convert.py`` ``from_torch``.
 Adding a layer type is one op class in explicit_ops.py (and its tests): its block
 (``wgan_kernels.nn.<TorchName>``) and ``from_torch`` conversion follow from the registry.
 
@@ -43,7 +45,7 @@ from .layers import (
     Tanh,
     supports_input_grad,
 )
-from .spectral import SNConv2d, SNLinear
+from .spectral import SN_LAYERS, SNConv2d, SNLinear, SpectralNorm, spectral_norm, spectral_norm_all
 
 
 def __getattr__(name: str):
@@ -65,10 +67,14 @@ __all__ = [
     "Residual",
     "SNConv2d",
     "SNLinear",
+    "SN_LAYERS",
     "Sequential",
+    "SpectralNorm",
     "SiLU",
     "Softplus",
     "Tanh",
     "from_torch",
+    "spectral_norm",
+    "spectral_norm_all",
     "supports_input_grad",
 ]

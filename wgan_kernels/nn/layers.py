@@ -32,9 +32,26 @@ _check_matches_weight = check_matches_weight  # the name spectral.py and older c
 
 
 class InputGradModule(nn.Module):
-    """Base of the blocks: ``forward_with_input_grad`` on top of the block's op (``op_type``)."""
+    """Base of the blocks: ``forward_with_input_grad`` on top of the block's op (``op_type``).
+
+    Input-gradient hooks are to ``forward_with_input_grad`` what forward pre-hooks and forward
+    hooks are to ``forward`` (which does not run through ``__call__``, so torch's hooks do not
+    see it): objects with ``before(module, args)`` and ``after(module, args, output)``, added with
+    ``register_input_grad_hook`` and kept in ``_input_grad_hooks`` (a list, in registration
+    order). ``spectral_norm_all`` registers its batched power iteration there."""
 
     op_type: type[_ops.Op] | None = None
+    _input_grad_hooks: tuple = ()  # no hooks; register_input_grad_hook gives the instance its own list
+
+    def register_input_grad_hook(self, hook) -> None:
+        """Runs ``hook.before(self, (x,))`` before and ``hook.after(self, (x,), None)`` after (also when
+        it raises) each ``forward_with_input_grad(x)`` on this module, as forward pre-hooks / forward
+        hooks (``always_call=True``) run around ``forward``. A module with hooks takes the
+        layer-by-layer path (each block's own forward), never the one-node chain."""
+        if not (callable(getattr(hook, "before", None)) and callable(getattr(hook, "after", None))):
+            raise ValueError(f"hook: expected an object with before(module, args) and after(module, args, output) "
+                             f"methods, got {type(hook).__name__}")
+        self._input_grad_hooks = [*self._input_grad_hooks, hook]
 
     def _op(self) -> _ops.Op | None:
         """The op describing this block on the one-node chain (its parameters shared), or None
@@ -83,15 +100,15 @@ class InputGradModule(nn.Module):
         reason = self._unsupported("module")
         if reason is not None:
             raise ValueError(reason)
-        batch = self.__dict__.get("_wk_sn_batch")  # spectral_norm_all's per-step iteration, as a forward would
-        if batch is not None:
-            batch.before(self, (x,))
+        hooks = list(self._input_grad_hooks)  # e.g. spectral_norm_all's per-step iteration, as a forward runs it
+        for hook in hooks:
+            hook.before(self, (x,))
         try:
             out, saved = self._forward_saving(x)
             return out, self._input_grad(saved, torch.ones_like(out))
         finally:
-            if batch is not None:
-                batch.after(self, (x,), None)
+            for hook in hooks:
+                hook.after(self, (x,), None)
 
 
 _BLOCKS: dict[type, type[InputGradModule]] = {}  # torch module type -> its block class
@@ -191,7 +208,7 @@ class Sequential(InputGradModule, nn.Sequential):
         # Piecewise-linear critics (MLP, DCGAN, ResNet): one autograd node for the whole chain (nn/_chain.py),
         # first-order only (a second derivative raises _chain.SECOND_ORDER_ERROR)
         _check_input(x)
-        if "_wk_sn_batch" not in self.__dict__:
+        if not self._input_grad_hooks:  # hooks run around the layer-by-layer path (the base class's)
             chain = _chain.plan(self, x)
             if chain is not None:
                 return _chain.forward_with_input_grad(*chain, x)

@@ -1,7 +1,24 @@
-"""Spectral-norm blocks for the explicit input-gradient path: ``SNLinear`` and ``SNConv2d``.
+"""Spectral norm's modules: the torch-compatible parametrization (``SpectralNorm``,
+``spectral_norm``), the SN blocks of the explicit input-gradient path (``SNLinear``,
+``SNConv2d``) and the whole-critic version (``spectral_norm_all``), over the op
+``wgan_kernels.power_iteration_`` (``wgan_kernels/ops/spectral_norm.py``).
 
-A layer with torch's ``spectral_norm`` computes ``W / sigma`` (a new weight tensor every training
-forward) and then the GEMM / convolution. These blocks fold ``1 / sigma`` into the output instead::
+Layers of this file:
+  - ``_SpectralState``: what every spectral-norm module keeps and how it gets this forward's sigma
+    (settings, ``_u`` / ``_v`` buffers, the ``batched`` flag and ``_cached_sigma``), written once and
+    shared by ``SpectralNorm`` (``weight -> weight / sigma``) and the SN blocks (``1 / sigma`` on the
+    output).
+  - ``SpectralNorm`` / ``spectral_norm``: a drop-in for ``torch.nn.utils.parametrizations.spectral_norm``.
+  - ``SNLinear`` / ``SNConv2d``: the SN blocks (below).
+  - ``_OneIterationPerStep`` / ``spectral_norm_all``: spectral norm on a whole critic, u and v of all
+    layers advanced in one batched call per weight update. The batching object is registered as a
+    forward pre-hook / forward hook on the critic, and, on a ``wgan_kernels.nn`` critic, as an
+    input-gradient hook (``InputGradModule.register_input_grad_hook``) so that
+    ``forward_with_input_grad`` iterates as a forward does.
+
+The SN blocks. A layer with torch's ``spectral_norm`` computes ``W / sigma`` (a new weight tensor
+every training forward) and then the GEMM / convolution. These blocks fold ``1 / sigma`` into the
+output instead::
 
     y  = (x W^T) / sigma + b          (SNLinear)       y  = conv(x, W) / sigma + b   (SNConv2d)
     dx = (dy W) / sigma                                dx = conv_transpose(dy, W) / sigma
@@ -20,17 +37,36 @@ too), so checkpoints move between these blocks and torch's spectral norm both wa
 
 ``module.weight`` is the raw (un-normalised) W, the parameter the optimizer updates; ``sigma()``
 gives the current sigma and ``normalized_weight()`` ``W / sigma`` when it is wanted.
+
+Imports run downward: this module imports ``wgan_kernels.ops`` and ``layers`` / ``explicit_ops``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..ops.spectral_norm import SpectralNorm, _check_eps, _check_iterations, _sigma, initial_vectors, power_iteration_
+from ..ops.spectral_norm import (_DTYPES, _check_eps, _check_eps_fits, _check_iterations, _sigma, initial_vectors,
+                                 power_iteration_)
 from .explicit_ops import Conv2dOp, LinearOp, check_matches_weight
-from .layers import Conv2d, Linear
+from .layers import Conv2d, InputGradModule, Linear
+
+__all__ = [
+    "SN_BLOCKS",
+    "SN_LAYERS",
+    "SNConv2d",
+    "SNLinear",
+    "SpectralNorm",
+    "spectral_norm",
+    "spectral_norm_all",
+]
+
+# The torch layers spectral_norm_all normalises (ConvTranspose ones over dim 1, as torch does)
+SN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+             nn.ConvTranspose3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 _KEYS = {  # our name -> torch parametrization's name
     "weight": "parametrizations.weight.original",
@@ -40,33 +76,134 @@ _KEYS = {  # our name -> torch parametrization's name
 _LEGACY = {"weight": "weight_orig", "_u": "weight_u", "_v": "weight_v"}  # torch.nn.utils.spectral_norm
 
 
-class _SpectralBlock:
-    """What SNLinear and SNConv2d share: u, v, sigma, the torch-compatible state dict."""
+# ----------------------------------------------------------------------------- shared state
 
-    def _init_spectral(self, n_power_iterations: int, eps: float, vectors=None) -> None:
+
+class _SpectralState:
+    """The state and the sigma of one spectral-norm module (mixed into an ``nn.Module``):
+    ``n_power_iterations``, ``eps``, the ``_u`` / ``_v`` buffers, ``batched`` (True under
+    ``spectral_norm_all``: the critic's hook advances u, v for all layers at once) and
+    ``_cached_sigma`` (the sigma that hook leaves for the current forward)."""
+
+    def _init_spectral_state(self, n_power_iterations: int, eps: float) -> None:
         self.n_power_iterations = _check_iterations(n_power_iterations)
         self.eps = _check_eps(eps)
-        self.batched = False  # True under spectral_norm_all: the critic's hook sets _cached_sigma
+        self.batched = False
         self._cached_sigma: torch.Tensor | None = None
-        if vectors is None:  # as torch's spectral_norm(layer): its registration runs one training forward
-            vectors = initial_vectors(self.to_matrix(self.weight), self.eps,
-                                      self.n_power_iterations if self.training else 0)
-        u, v = vectors
+
+    def _register_vectors(self, u: torch.Tensor, v: torch.Tensor) -> None:
         self.register_buffer("_u", u)
         self.register_buffer("_v", v)
 
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 2-D matrix whose spectral norm is taken (dim 0 first, the rest flattened)."""
         return weight.flatten(1)
+
+    def _sigma_of(self, weight: torch.Tensor) -> torch.Tensor:
+        """This forward's sigma of ``weight`` (0-d, its dtype, differentiable w.r.t. it): the
+        batched hook's cached sigma when there is one; else, in training mode and not batched,
+        ``n_power_iterations`` of ``power_iteration_`` (u, v advanced); else (eval mode, or a
+        batched layer used outside its critic's forward) ``u . (W v)`` with u, v frozen."""
+        if self._cached_sigma is not None:
+            return self._cached_sigma
+        if self.training and not self.batched:
+            return power_iteration_([self.to_matrix(weight)], [self._u], [self._v], self.n_power_iterations,
+                                    self.eps)[0]
+        return self._frozen_sigma(weight)
+
+    def _frozen_sigma(self, weight: torch.Tensor) -> torch.Tensor:
+        """``u . (W v)`` with the current u, v (not advanced), differentiable w.r.t. ``weight``."""
+        return _sigma(self.to_matrix(weight), self._u, self._v)
+
+
+# ----------------------------------------------------------------------------- parametrization
+
+
+class SpectralNorm(_SpectralState, nn.Module):
+    """The parametrization ``spectral_norm`` registers: ``weight -> weight / sigma``.
+
+    Same buffers (``_u``, ``_v``), initialisation (same RNG draws, 15 warm-up iterations), weight
+    flattening (``dim``) and train/eval behaviour as torch's ``_SpectralNorm``; the iteration goes
+    through ``power_iteration_``. 1-D weights are normalised (``weight / ||weight||``) as torch does.
+    When ``spectral_norm_all`` batches a critic, ``batched`` is True: the critic's forward pre-hook
+    advances u, v for all layers at once and leaves this layer's sigma in ``_cached_sigma``.
+    """
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
+        super().__init__()
+        self._init_spectral_state(n_power_iterations, eps)
+        ndim = weight.dim()
+        if isinstance(dim, bool) or not isinstance(dim, int) or not (-max(ndim, 1) <= dim < max(ndim, 1)):
+            raise ValueError(f"dim: expected an int in [-{max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim!r}")
+        self.dim = dim % ndim if ndim else 0
+        _check_eps_fits(self.eps, weight.dtype, "the weight")
+        if ndim > 1:
+            self._register_vectors(*initial_vectors(self.to_matrix(weight), self.eps))
+
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """The 2-D matrix whose spectral norm is taken: ``dim`` first, the rest flattened."""
+        if self.dim != 0:
+            weight = weight.movedim(self.dim, 0)
+        return weight.flatten(1)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dim() == 1:
+            return F.normalize(weight, dim=0, eps=self.eps)
+        return weight / self._sigma_of(weight)
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, batched={self.batched}"
+
+
+def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
+                  dim: int | None = None) -> nn.Module:
+    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm``; returns ``module``.
+
+    Registers ``SpectralNorm`` with ``torch.nn.utils.parametrize``, so the state dict keys are
+    torch's (``parametrizations.<name>.original``, ``parametrizations.<name>.0._u`` / ``._v``) and
+    checkpoints load both ways. ``dim`` defaults to 1 for ConvTranspose layers, else 0. In training
+    mode every access to ``module.<name>`` runs ``n_power_iterations`` of ``power_iteration_``
+    (dispatched to a kernel); in eval mode u and v are frozen.
+    """
+    _check_iterations(n_power_iterations)
+    _check_eps(eps)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"module: expected an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected a str, got {name!r}")
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"name: module {type(module).__name__} has no parameter or buffer {name!r}")
+    if weight.dim() == 0 or weight.dtype not in _DTYPES:
+        raise ValueError(f"name: {type(module).__name__}.{name} must be a floating tensor with at least 1 dim, got "
+                         f"shape {tuple(weight.shape)} and {weight.dtype}")
+    if dim is None:
+        dim = 1 if isinstance(module, _TRANSPOSED) else 0
+    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module
+
+
+# ----------------------------------------------------------------------------- SN blocks
+
+
+class _SpectralBlock(_SpectralState):
+    """What SNLinear and SNConv2d share: the spectral state, ``sigma()``, the torch-compatible
+    state dict."""
+
+    def _init_spectral(self, n_power_iterations: int, eps: float, vectors=None) -> None:
+        self._init_spectral_state(n_power_iterations, eps)
+        if vectors is None:  # as torch's spectral_norm(layer): its registration runs one training forward
+            vectors = initial_vectors(self.to_matrix(self.weight), self.eps,
+                                      self.n_power_iterations if self.training else 0)
+        self._register_vectors(*vectors)
 
     def sigma(self) -> torch.Tensor:
         """This forward's sigma (0-d, W's dtype, differentiable w.r.t. W): advances u, v by
         ``n_power_iterations`` in training mode (unless a batched critic hook already did)."""
-        if self._cached_sigma is not None:
-            return self._cached_sigma
-        mat = self.to_matrix(self.weight)
-        if self.training and not self.batched:
-            return power_iteration_([mat], [self._u], [self._v], self.n_power_iterations, self.eps)[0]
-        return _sigma(mat, self._u, self._v)
+        return self._sigma_of(self.weight)
 
     def normalized_weight(self) -> torch.Tensor:
         """``W / sigma`` (what torch's parametrized ``module.weight`` returns)."""
@@ -193,3 +330,111 @@ def from_torch_spectral(layer: nn.Module, path: str) -> nn.Module | None:
     if sn.dim != 0:
         raise ValueError(f"{path}: spectral norm with dim={sn.dim} is not supported by the SN blocks (dim 0 only)")
     return _sn_block_from(layer, sn.n_power_iterations, sn.eps, (sn._u, sn._v))
+
+
+# ----------------------------------------------------------------------------- whole critic
+
+
+class _OneIterationPerStep:
+    """The critic hooks of ``spectral_norm_all``: before each forward in training mode, one batched
+    ``power_iteration_`` over every layer whose weight changed since the last one (all of them
+    after an optimizer step), and every layer's sigma cached for that forward; after it, the cache
+    is cleared. Registered as the critic's forward pre-hook (``before``) and forward hook
+    (``after``), and on a ``wgan_kernels.nn`` critic as its input-gradient hook (the same two
+    methods, run by ``forward_with_input_grad``). A plain object (not a closure) so that
+    ``copy.deepcopy(critic)`` copies it along with the layers it points at."""
+
+    def __init__(self, layers: list[nn.Module], name: str):
+        self.layers = layers
+        self.name = name
+        self.seen_versions: list[int | None] = [None] * len(layers)
+
+    def _parts(self, layer) -> tuple[torch.Tensor, _SpectralState]:
+        """(W, its spectral state): the layer itself for an SN block, else its SpectralNorm
+        parametrization."""
+        if not parametrize.is_parametrized(layer, self.name):
+            return layer.weight, layer
+        original = getattr(layer.parametrizations, self.name).original
+        return original, getattr(layer.parametrizations, self.name)[0]
+
+    def before(self, critic, args):
+        parts = [self._parts(layer) for layer in self.layers]
+        if critic.training:
+            stale = [k for k, (w, _) in enumerate(parts) if w._version != self.seen_versions[k]]
+            by_settings: dict[tuple, list[int]] = {}
+            for k in stale:
+                sn = parts[k][1]
+                by_settings.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
+            for (n, eps), ks in by_settings.items():
+                mats = [parts[k][1].to_matrix(parts[k][0]) for k in ks]
+                sigmas = power_iteration_(mats, [parts[k][1]._u for k in ks], [parts[k][1]._v for k in ks], n, eps)
+                for k, sigma in zip(ks, sigmas):
+                    parts[k][1]._cached_sigma = sigma
+                    self.seen_versions[k] = parts[k][0]._version
+        for w, sn in parts:
+            if sn._cached_sigma is None:
+                sn._cached_sigma = sn._frozen_sigma(w)
+
+    def after(self, critic, args, output):
+        for layer in self.layers:
+            self._parts(layer)[1]._cached_sigma = None
+
+
+def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12,
+                      per_access: bool = False) -> nn.Module:
+    """Spectral norm on every Linear / Conv1d-3d / ConvTranspose1d-3d layer of ``critic``; returns it.
+
+    Each layer gets ``spectral_norm(layer)`` (torch-compatible state dict). Then:
+
+    - ``per_access=False`` (default): u and v advance ONCE PER WEIGHT UPDATE, in one batched
+      ``power_iteration_`` over all layers (one kernel launch per device/dtype), run by a forward
+      pre-hook on ``critic``. The first training-mode forward after the weights change (an
+      optimizer step, a state-dict load) iterates; further forwards on the same weights (D(real),
+      D(fake), D(interpolates) in one critic step) reuse u and v. Every forward computes fresh
+      sigmas (one ``u . W v`` per layer) so each forward has its own autograd graph. A layer's
+      weight read outside ``critic``'s forward uses the current u, v without iterating.
+    - ``per_access=True``: torch's behaviour: every access to a layer's weight in training mode
+      iterates (three forwards in a critic step = three iterations), one call per layer.
+
+    Eval mode freezes u and v in both. A critic whose layer already has a parametrization on
+    ``weight`` is refused.
+
+    A critic of ``wgan_kernels.nn`` blocks keeps its explicit input-gradient path: its ``Linear``
+    and ``Conv2d`` blocks are replaced by ``SNLinear`` / ``SNConv2d`` (sharing their Parameters,
+    1/sigma folded into the output; state dict keys as torch's), and SN blocks already there join
+    the batched iteration; the batching is registered as the critic's input-gradient hook too, so
+    ``forward_with_input_grad`` iterates as a forward does. u, v are drawn layer by layer in module
+    order, as torch would draw them.
+    """
+    _check_iterations(n_power_iterations)
+    _check_eps(eps)
+    if not isinstance(critic, nn.Module):
+        raise ValueError(f"critic: expected an nn.Module, got {type(critic).__name__}")
+    if isinstance(critic, InputGradModule) and any(isinstance(h, _OneIterationPerStep)
+                                                   for h in critic._input_grad_hooks):
+        raise ValueError("critic: spectral_norm_all was already applied to it")
+    named = list(critic.named_modules())
+    for name, m in named:
+        if isinstance(m, SN_LAYERS) and not isinstance(m, SN_BLOCKS) and parametrize.is_parametrized(m, "weight"):
+            raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has a parametrization "
+                             "on 'weight' (spectral norm applied twice?)")
+    layers = []
+    for name, m in named:
+        if isinstance(m, SN_BLOCKS):
+            layers.append(m)
+        elif name and type(m) in (Linear, Conv2d):  # swap in the SN block, in its parent
+            parent_name, _, child = name.rpartition(".")
+            block = _sn_block_from(m, n_power_iterations, eps)
+            setattr(critic.get_submodule(parent_name), child, block)
+            layers.append(block)
+        elif isinstance(m, SN_LAYERS):
+            layers.append(spectral_norm(m, n_power_iterations=n_power_iterations, eps=eps))
+    if not per_access and layers:
+        hooks = _OneIterationPerStep(layers, "weight")
+        for m in layers:
+            hooks._parts(m)[1].batched = True
+        critic.register_forward_pre_hook(hooks.before)
+        critic.register_forward_hook(hooks.after, always_call=True)
+        if isinstance(critic, InputGradModule):  # forward_with_input_grad runs the hooks too
+            critic.register_input_grad_hook(hooks)
+    return critic

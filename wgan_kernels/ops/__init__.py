@@ -1,13 +1,15 @@
-"""Op families, one module each: kernels/launchers, autograd rules, references, dispatch."""
+"""Op families, one module each: kernels/launchers, autograd rules, references, dispatch.
+
+Nothing here imports ``wgan_kernels.nn`` (or losses, train, eager, models): modules live above ops."""
 
 from .clip import ClippedRMSprop, clip_, clip_reference_, rmsprop_clip_reference_
 from .penalty import grad_norm_penalty, grad_norm_penalty_reference
-# (the spectral_norm function is exported from wgan_kernels: here the name is its module's)
-from .spectral_norm import SpectralNorm, power_iteration_, power_iteration_reference_, spectral_norm_all
+# (spectral norm's modules, SpectralNorm / spectral_norm / spectral_norm_all, live in wgan_kernels.nn;
+# here the name spectral_norm is the op's module)
+from .spectral_norm import power_iteration_, power_iteration_reference_
 
 __all__ = [
     "ClippedRMSprop",
-    "SpectralNorm",
     "clip_",
     "clip_reference_",
     "grad_norm_penalty",
@@ -15,5 +17,4 @@ __all__ = [
     "power_iteration_",
     "power_iteration_reference_",
     "rmsprop_clip_reference_",
-    "spectral_norm_all",
 ]

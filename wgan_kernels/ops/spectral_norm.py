@@ -1,4 +1,4 @@
-"""Spectral normalisation: batched power iteration (``power_iteration_``) and the layers on top.
+"""Spectral normalisation, the op: batched power iteration (``power_iteration_``).
 
 Math (as ``torch.nn.utils.parametrizations.spectral_norm``): for a 2-D weight W (m x n) with
 vectors u (m) and v (n), repeat n_power_iterations times { u = normalize(W v); v = normalize(W^T u) }
@@ -16,17 +16,16 @@ Layers (one file):
   - ``power_iteration_reference_``: plain PyTorch, the same ops as torch's parametrization; the
     oracle and the fallback.
   - ``power_iteration_``: the public op (checks, dispatch through ``wgan_kernels._backend``).
-  - ``spectral_norm`` / ``spectral_norm_all``: module wrappers (a drop-in for torch's
-    parametrization, and a whole-critic version that batches all layers in one call).
+  - ``initial_vectors``: the u, v of a new layer (torch's random draws and warm-up iterations).
+
+The modules on top (``SpectralNorm``, ``spectral_norm``, the SN blocks, ``spectral_norm_all``)
+live in ``wgan_kernels/nn/spectral.py``; this module imports nothing from ``wgan_kernels.nn``.
 """
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.nn.utils import parametrize
 
 from .._backend import extension, resolve
 from .._checks import (SELF_OVERLAPPING, check_backend, check_not_inference, finite_number, has_internal_overlap,
@@ -34,17 +33,12 @@ from .._checks import (SELF_OVERLAPPING, check_backend, check_not_inference, fin
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = [
+    "initial_vectors",
     "power_iteration_",
     "power_iteration_reference_",
-    "spectral_norm",
-    "spectral_norm_all",
-    "SpectralNorm",
 ]
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_SN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-              nn.ConvTranspose3d)
-_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -363,7 +357,7 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
     return sigmas
 
 
-# ----------------------------------------------------------------------------- modules
+# ----------------------------------------------------------------------------- initial u, v
 
 
 def initial_vectors(mat: torch.Tensor, eps: float, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -382,187 +376,3 @@ def initial_vectors(mat: torch.Tensor, eps: float, extra: int = 0) -> tuple[torc
         if extra:
             power_iteration_reference_([mat], [u], [v], extra, eps)
     return u, v
-
-
-class SpectralNorm(nn.Module):
-    """The parametrization ``spectral_norm`` registers: ``weight -> weight / sigma``.
-
-    Same buffers (``_u``, ``_v``), initialisation (same RNG draws, 15 warm-up iterations), weight
-    flattening (``dim``) and train/eval behaviour as torch's ``_SpectralNorm``; the iteration goes
-    through ``power_iteration_``. 1-D weights are normalised (``weight / ||weight||``) as torch does.
-    When ``spectral_norm_all`` batches a critic, ``batched`` is True: the critic's forward pre-hook
-    advances u, v for all layers at once and leaves this layer's sigma in ``_cached_sigma``.
-    """
-
-    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12):
-        super().__init__()
-        self.n_power_iterations = _check_iterations(n_power_iterations)
-        self.eps = _check_eps(eps)
-        ndim = weight.dim()
-        if isinstance(dim, bool) or not isinstance(dim, int) or not (-max(ndim, 1) <= dim < max(ndim, 1)):
-            raise ValueError(f"dim: expected an int in [-{max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim!r}")
-        self.dim = dim % ndim if ndim else 0
-        _check_eps_fits(self.eps, weight.dtype, "the weight")
-        self.batched = False
-        self._cached_sigma: torch.Tensor | None = None
-        if ndim > 1:
-            u, v = initial_vectors(self.to_matrix(weight), self.eps)
-            self.register_buffer("_u", u)
-            self.register_buffer("_v", v)
-
-    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
-        """The 2-D matrix whose spectral norm is taken: ``dim`` first, the rest flattened."""
-        if self.dim != 0:
-            weight = weight.movedim(self.dim, 0)
-        return weight.flatten(1)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if weight.dim() == 1:
-            return F.normalize(weight, dim=0, eps=self.eps)
-        if self._cached_sigma is not None:
-            sigma = self._cached_sigma
-        elif self.training and not self.batched:
-            sigma = power_iteration_([self.to_matrix(weight)], [self._u], [self._v], self.n_power_iterations,
-                                     self.eps)[0]
-        else:  # eval mode, or a batched layer used outside its critic's forward: u, v frozen
-            sigma = _sigma(self.to_matrix(weight), self._u, self._v)
-        return weight / sigma
-
-    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, n_power_iterations={self.n_power_iterations}, eps={self.eps}, batched={self.batched}"
-
-
-def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: int = 1, eps: float = 1e-12,
-                  dim: int | None = None) -> nn.Module:
-    """Drop-in for ``torch.nn.utils.parametrizations.spectral_norm``; returns ``module``.
-
-    Registers ``SpectralNorm`` with ``torch.nn.utils.parametrize``, so the state dict keys are
-    torch's (``parametrizations.<name>.original``, ``parametrizations.<name>.0._u`` / ``._v``) and
-    checkpoints load both ways. ``dim`` defaults to 1 for ConvTranspose layers, else 0. In training
-    mode every access to ``module.<name>`` runs ``n_power_iterations`` of ``power_iteration_``
-    (dispatched to a kernel); in eval mode u and v are frozen.
-    """
-    _check_iterations(n_power_iterations)
-    _check_eps(eps)
-    if not isinstance(module, nn.Module):
-        raise ValueError(f"module: expected an nn.Module, got {type(module).__name__}")
-    if not isinstance(name, str):
-        raise ValueError(f"name: expected a str, got {name!r}")
-    weight = getattr(module, name, None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"name: module {type(module).__name__} has no parameter or buffer {name!r}")
-    if weight.dim() == 0 or weight.dtype not in _DTYPES:
-        raise ValueError(f"name: {type(module).__name__}.{name} must be a floating tensor with at least 1 dim, got "
-                         f"shape {tuple(weight.shape)} and {weight.dtype}")
-    if dim is None:
-        dim = 1 if isinstance(module, _TRANSPOSED) else 0
-    parametrize.register_parametrization(module, name, SpectralNorm(weight, n_power_iterations, dim, eps))
-    return module
-
-
-class _OneIterationPerStep:
-    """The critic hooks of ``spectral_norm_all``: before each forward in training mode, one batched
-    ``power_iteration_`` over every layer whose weight changed since the last one (all of them
-    after an optimizer step), and every layer's sigma cached for that forward; after it, the cache
-    is cleared. A plain object (not a closure) so that ``copy.deepcopy(critic)`` copies it along
-    with the layers it points at."""
-
-    def __init__(self, layers: list[nn.Module], name: str):
-        self.layers = layers
-        self.name = name
-        self.seen_versions: list[int | None] = [None] * len(layers)
-
-    def _parts(self, layer):
-        """(W, the object holding u, v, settings and the cached sigma): the layer itself for an SN
-        block of wgan_kernels.nn, else its SpectralNorm parametrization."""
-        if not parametrize.is_parametrized(layer, self.name):
-            return layer.weight, layer
-        original = getattr(layer.parametrizations, self.name).original
-        return original, getattr(layer.parametrizations, self.name)[0]
-
-    def before(self, critic, args):
-        parts = [self._parts(layer) for layer in self.layers]
-        if critic.training:
-            stale = [k for k, (w, _) in enumerate(parts) if w._version != self.seen_versions[k]]
-            by_settings: dict[tuple, list[int]] = {}
-            for k in stale:
-                sn = parts[k][1]
-                by_settings.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
-            for (n, eps), ks in by_settings.items():
-                mats = [parts[k][1].to_matrix(parts[k][0]) for k in ks]
-                sigmas = power_iteration_(mats, [parts[k][1]._u for k in ks], [parts[k][1]._v for k in ks], n, eps)
-                for k, sigma in zip(ks, sigmas):
-                    parts[k][1]._cached_sigma = sigma
-                    self.seen_versions[k] = parts[k][0]._version
-        for w, sn in parts:
-            if sn._cached_sigma is None:
-                sn._cached_sigma = _sigma(sn.to_matrix(w), sn._u, sn._v)
-
-    def after(self, critic, args, output):
-        for layer in self.layers:
-            self._parts(layer)[1]._cached_sigma = None
-
-
-def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12,
-                      per_access: bool = False) -> nn.Module:
-    """Spectral norm on every Linear / Conv1d-3d / ConvTranspose1d-3d layer of ``critic``; returns it.
-
-    Each layer gets ``spectral_norm(layer)`` (torch-compatible state dict). Then:
-
-    - ``per_access=False`` (default): u and v advance ONCE PER WEIGHT UPDATE, in one batched
-      ``power_iteration_`` over all layers (one kernel launch per device/dtype), run by a forward
-      pre-hook on ``critic``. The first training-mode forward after the weights change (an
-      optimizer step, a state-dict load) iterates; further forwards on the same weights (D(real),
-      D(fake), D(interpolates) in one critic step) reuse u and v. Every forward computes fresh
-      sigmas (one ``u . W v`` per layer) so each forward has its own autograd graph. A layer's
-      weight read outside ``critic``'s forward uses the current u, v without iterating.
-    - ``per_access=True``: torch's behaviour: every access to a layer's weight in training mode
-      iterates (three forwards in a critic step = three iterations), one call per layer.
-
-    Eval mode freezes u and v in both. A critic whose layer already has a parametrization on
-    ``weight`` is refused.
-
-    A critic of ``wgan_kernels.nn`` blocks keeps its explicit input-gradient path: its ``Linear``
-    and ``Conv2d`` blocks are replaced by ``SNLinear`` / ``SNConv2d`` (sharing their Parameters,
-    1/sigma folded into the output; state dict keys as torch's), and SN blocks already there join
-    the batched iteration. u, v are drawn layer by layer in module order, as torch would draw them.
-    """
-    from ..nn.layers import Conv2d as BlockConv2d
-    from ..nn.layers import InputGradModule
-    from ..nn.layers import Linear as BlockLinear
-    from ..nn.spectral import SN_BLOCKS, _sn_block_from
-
-    _check_iterations(n_power_iterations)
-    _check_eps(eps)
-    if not isinstance(critic, nn.Module):
-        raise ValueError(f"critic: expected an nn.Module, got {type(critic).__name__}")
-    if "_wk_sn_batch" in critic.__dict__:
-        raise ValueError("critic: spectral_norm_all was already applied to it")
-    named = list(critic.named_modules())
-    for name, m in named:
-        if isinstance(m, _SN_LAYERS) and not isinstance(m, SN_BLOCKS) and parametrize.is_parametrized(m, "weight"):
-            raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has a parametrization "
-                             "on 'weight' (spectral norm applied twice?)")
-    layers = []
-    for name, m in named:
-        if isinstance(m, SN_BLOCKS):
-            layers.append(m)
-        elif name and type(m) in (BlockLinear, BlockConv2d):  # swap in the SN block, in its parent
-            parent_name, _, child = name.rpartition(".")
-            block = _sn_block_from(m, n_power_iterations, eps)
-            setattr(critic.get_submodule(parent_name), child, block)
-            layers.append(block)
-        elif isinstance(m, _SN_LAYERS):
-            layers.append(spectral_norm(m, n_power_iterations=n_power_iterations, eps=eps))
-    if not per_access and layers:
-        hooks = _OneIterationPerStep(layers, "weight")
-        for m in layers:
-            hooks._parts(m)[1].batched = True
-        critic.register_forward_pre_hook(hooks.before)
-        critic.register_forward_hook(hooks.after, always_call=True)
-        if isinstance(critic, InputGradModule):  # forward_with_input_grad runs the hooks too
-            critic._wk_sn_batch = hooks
-    return critic

@@ -25,6 +25,7 @@ import torch
 from .. import ClippedRMSprop, critic_loss
 from ..eager import critic_loss_eager
 from ..models import mlp_critic, mlp_generator
+from ..nn.spectral import SN_LAYERS, spectral_norm_all
 from . import checkpoint as ckpt_io
 from . import datasets as ds
 from .checkpoint import CheckpointError, RunFolder
@@ -97,9 +98,6 @@ class Trainer:
         self._data_id = None
 
     def _apply_spectral_norm(self) -> None:
-        from ..ops.spectral_norm import _SN_LAYERS as SN_LAYERS  # noqa: PLC2701 - moves to nn/ with the SN modules
-        from ..ops.spectral_norm import spectral_norm_all
-
         if self.cfg.backend == "fused":
             from ..nn import from_torch
 
