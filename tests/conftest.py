@@ -38,3 +38,15 @@ def device(request):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+class BothOutputs(torch.nn.Module):
+    """``critic.forward_with_input_grad`` as a module's forward: ``(out, grad_x)`` of an explicit
+    critic, for torch.compile and functional_call in the tests."""
+
+    def __init__(self, critic):
+        super().__init__()
+        self.critic = critic
+
+    def forward(self, x):
+        return self.critic.forward_with_input_grad(x)

@@ -8,7 +8,7 @@ parameter gradients, autograd's double backward on the torch module.
 
 import pytest
 import torch
-from conftest import tol
+from conftest import BothOutputs, tol
 from torch import nn
 
 import wgan_kernels as wk
@@ -199,15 +199,6 @@ def test_low_precision(name, dtype, gen):
         assert err <= 2 * chain_err + tol(dtype)["atol"] * max(scale, 1.0), f"{what} {dtype}: {err:.3g} vs {chain_err:.3g}"
 
 
-class _BothOutputs(nn.Module):
-    def __init__(self, critic):
-        super().__init__()
-        self.critic = critic
-
-    def forward(self, x):
-        return self.critic.forward_with_input_grad(x)
-
-
 @pytest.mark.parametrize("critic_and_shape", [
     ("mlp-mixed-slopes-3out", (3, 4)),
     (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, 2, 1), nn.LeakyReLU(0.3), nn.Conv2d(3, 1, 3, 1, 0), nn.Flatten()),
@@ -225,7 +216,7 @@ def test_gradcheck(critic_and_shape, gen):
     else:
         torch.manual_seed(0)
         critic = wn.from_torch(spec().double())
-    wrapper = _BothOutputs(critic)
+    wrapper = BothOutputs(critic)
     x = rand(shape, torch.float64, gen).requires_grad_()
     names = [n for n, _ in wrapper.named_parameters()]
     values = [p.detach().clone().requires_grad_() for p in wrapper.parameters()]

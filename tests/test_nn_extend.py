@@ -15,7 +15,7 @@ import pathlib
 
 import pytest
 import torch
-from conftest import tol
+from conftest import BothOutputs, tol
 from torch import nn
 from torch.func import functional_call
 
@@ -109,21 +109,12 @@ def test_penalty_gradients_match_double_backward(name, dtype, gen):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{name} d / d {n}: {m}")
 
 
-class _BothOutputs(nn.Module):
-    def __init__(self, critic):
-        super().__init__()
-        self.critic = critic
-
-    def forward(self, x):
-        return self.critic.forward_with_input_grad(x)
-
-
 @pytest.mark.parametrize("name", list(CRITICS))
 def test_gradcheck(name, gen):
     """(out, grad_x) as a function of (x, parameters), float64, against finite differences; the
     layer-by-layer chain of GELU also twice (gradgradcheck)."""
     module, critic, shape = make(name, torch.float64)
-    wrapper = _BothOutputs(critic)
+    wrapper = BothOutputs(critic)
     x = rand(shape, torch.float64, gen, scale=1.0).requires_grad_()
     names = [n for n, _ in wrapper.named_parameters()]
     values = [p.detach().clone().requires_grad_() for p in wrapper.parameters()]

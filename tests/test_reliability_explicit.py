@@ -15,6 +15,7 @@ None read as zeros, tells those apart from a lost derivative.
 
 import pytest
 import torch
+from conftest import BothOutputs
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -212,17 +213,8 @@ def test_backward_of_a_second_order_quantity_is_refused():
         g.pow(2).sum().backward()
 
 
-class _BothOutputs(nn.Module):
-    def __init__(self, critic):
-        super().__init__()
-        self.critic = critic
-
-    def forward(self, x):
-        return self.critic.forward_with_input_grad(x)
-
-
 def _functional(explicit):
-    wrapper = _BothOutputs(explicit)
+    wrapper = BothOutputs(explicit)
     names = [n for n, _ in wrapper.named_parameters()]
     values = [p.detach().clone().requires_grad_() for p in wrapper.parameters()]
 
