@@ -8,6 +8,28 @@ import numbers
 import torch
 
 
+# The floating dtypes every kernel takes, and the accumulation rule they share.
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_float_dtype(t: torch.Tensor, name: str) -> None:
+    """``t`` is of a kernel dtype (``FLOAT_DTYPES``)."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: expected a floating-point tensor (float32, float64, float16, bfloat16), got {t.dtype}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What reductions accumulate in: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def positive_int(name: str, value) -> int:
+    """``value``: an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return value
+
+
 def finite_number(name: str, value, *, low: float | None = None, low_inclusive: bool = True) -> float:
     """``value`` as a float: a finite real number (not a bool), ``>= low`` (``> low`` when not
     ``low_inclusive``) when ``low`` is given."""

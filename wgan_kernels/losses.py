@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ._backend import BACKENDS
+from ._checks import acc_dtype
 from .ops.penalty import check_parameters, grad_norm_penalty_and_norms
 
 __all__ = ["PenaltyConfig", "PRESETS", "STRATEGIES", "sample_penalty_points", "input_gradient", "gradient_penalty",
@@ -265,7 +266,7 @@ def gradient_penalty_reference(critic, points, *, weight: float, center: float, 
     float64 gradient)."""
     x = points.detach().requires_grad_(True)
     (grad_x,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
-    acc = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(grad_x.dtype)
     n = grad_x.reshape(grad_x.shape[0], -1).to(acc).norm(dim=1)
     d = n - center
     return weight * (d.clamp_min(0) if one_sided else d.abs()).pow(p).mean()

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..ops.spectral_norm import (_DTYPES, _check_eps, _check_eps_fits, _check_iterations, _sigma, initial_vectors,
+from .._checks import FLOAT_DTYPES
+from ..ops.spectral_norm import (_check_eps, _check_eps_fits, _check_iterations, _sigma, initial_vectors,
                                  power_iteration_)
 from .explicit_ops import Conv2dOp, LinearOp, check_matches_weight
 from .layers import Conv2d, InputGradModule, Linear
@@ -177,7 +178,7 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"name: module {type(module).__name__} has no parameter or buffer {name!r}")
-    if weight.dim() == 0 or weight.dtype not in _DTYPES:
+    if weight.dim() == 0 or weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"name: {type(module).__name__}.{name} must be a floating tensor with at least 1 dim, got "
                          f"shape {tuple(weight.shape)} and {weight.dtype}")
     if dim is None:

@@ -27,13 +27,12 @@ from __future__ import annotations
 import torch
 
 from .._backend import BACKENDS, requested_backend, resolve
-from .._checks import FLOAT32_MAX, finite_real
+from .._checks import FLOAT32_MAX, acc_dtype, check_float_dtype, finite_real
 from .._triton import tl, triton
 
 __all__ = ["leaky_relu_with_mask", "leaky_relu_with_mask_reference", "masked_scale", "masked_scale_reference"]
 
 OP = "activation_mask"
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _BLOCK = 1024
 
 
@@ -43,8 +42,7 @@ _BLOCK = 1024
 def _check_float(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"{name}: expected a floating-point tensor (float32, float64, float16, bfloat16), got {t.dtype}")
+    check_float_dtype(t, name)
 
 
 def _check_slope(negative_slope) -> float:
@@ -193,7 +191,7 @@ class _LeakyReLUWithMask(torch.autograd.Function):
         grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[1]:
             dims = [0] + list(range(2, grad_x.dim()))
-            acc = torch.float64 if grad_x.dtype == torch.float64 else torch.float32
+            acc = acc_dtype(grad_x.dtype)
             grad_b = grad_x.sum(dims, dtype=acc).to(grad_x.dtype)
         return grad_x, grad_b, None
 

@@ -20,12 +20,11 @@ import math
 import torch
 
 from .._backend import extension, resolve
-from .._checks import (SELF_OVERLAPPING, as_list, check_backend, check_not_inference, check_tensors, finite_number,
-                       has_internal_overlap, overlapping_pair)
+from .._checks import (SELF_OVERLAPPING, as_list, check_backend, check_float_dtype, check_not_inference,
+                       check_tensors, finite_number, has_internal_overlap, overlapping_pair)
 
 __all__ = ["clip_", "clip_reference_", "ClippedRMSprop", "rmsprop_clip_reference_"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # RMSprop's hyper-parameters enter float32 arithmetic for every dtype but float64 (torch's and the
 # kernels'): beyond this a float32 step overflows in the kernels and is refused by torch.
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -61,9 +60,7 @@ def _check_writable(t: torch.Tensor, name: str) -> None:
 
 
 def _check_dtype(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"{name}: expected a floating-point tensor (float32, float64, float16, bfloat16), "
-                         f"got {t.dtype}")
+    check_float_dtype(t, name)
 
 
 def _check_own_elements(t: torch.Tensor, name: str) -> None:

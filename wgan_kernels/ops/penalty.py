@@ -24,13 +24,12 @@ from __future__ import annotations
 import torch
 
 from .._backend import BACKENDS, extension, resolve
-from .._checks import FLOAT32_MAX, finite_real
+from .._checks import FLOAT32_MAX, acc_dtype, check_float_dtype, finite_real
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = ["grad_norm_penalty", "grad_norm_penalty_reference", "EPS"]
 
 EPS = 1e-12
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -39,9 +38,7 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _check_grads(grads) -> None:
     if not isinstance(grads, torch.Tensor):
         raise ValueError(f"grads: expected a tensor, got {type(grads).__name__}")
-    if grads.dtype not in _DTYPES:
-        raise ValueError(f"grads: expected a floating-point tensor (float32, float64, float16, bfloat16), "
-                         f"got {grads.dtype}")
+    check_float_dtype(grads, "grads")
     if grads.dim() < 1 or grads.shape[0] == 0:
         raise ValueError(f"grads: expected shape (B, ...) with B >= 1, got {tuple(grads.shape)} (empty batch)")
 
@@ -66,8 +63,6 @@ def _check_args(grads, weight, center, p, one_sided) -> tuple[float, float, floa
     return check_parameters(weight, center, p, one_sided)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------- reference
@@ -89,7 +84,7 @@ def grad_norm_penalty_reference(grads, *, weight: float, center: float, p: float
     the norm over all non-batch dims of ``grads`` (B, ...); for 1-D grads (B,) each sample's
     gradient is a scalar and its norm ``|grads_i|``. Differentiable by autograd (its gradient is
     NaN at n_i = 0)."""
-    g = _rows(grads).to(_acc_dtype(grads.dtype))
+    g = _rows(grads).to(acc_dtype(grads.dtype))
     return weight * _phi(g.pow(2).sum(1).sqrt(), center, p, one_sided).mean()
 
 
@@ -178,7 +173,7 @@ if triton is not None:
 
 def _triton_forward(g2, center, p, one_sided):
     rows, cols = g2.shape
-    acc = _acc_dtype(g2.dtype)
+    acc = acc_dtype(g2.dtype)
     norms = torch.empty(rows, device=g2.device, dtype=acc)
     phi = torch.empty(rows, device=g2.device, dtype=acc)
     block = min(next_power_of_2(max(cols, 16)), 4096)
@@ -212,7 +207,7 @@ def _penalty_forward_cpu(g2: torch.Tensor, weight: float, center: float, p: floa
 
 @_penalty_forward_cpu.register_fake
 def _(g2, weight, center, p, one_sided, eps):
-    acc = _acc_dtype(g2.dtype)
+    acc = acc_dtype(g2.dtype)
     return g2.new_empty((), dtype=acc), g2.new_empty((g2.shape[0],), dtype=acc)
 
 
@@ -290,7 +285,7 @@ class _GradNormPenaltyGrad(torch.autograd.Function):
         grads, grad_penalty = ctx.saved_tensors
         weight, center, p, one_sided, _ = ctx.spec
         rows = grads.shape[0]
-        acc = _acc_dtype(grads.dtype)
+        acc = acc_dtype(grads.dtype)
         g = grads.reshape(rows, -1).to(acc)
         gg = grad_out.reshape(rows, -1).to(acc)
         n = g.pow(2).sum(1).sqrt()
@@ -315,7 +310,7 @@ def grad_norm_penalty_and_norms(grads, *, weight: float, center: float, p: float
     chosen = resolve("grad_norm_penalty", grads.device, backend)
     if chosen == "reference":
         with torch.no_grad():
-            norms = _rows(grads.detach()).to(_acc_dtype(grads.dtype)).norm(dim=1)
+            norms = _rows(grads.detach()).to(acc_dtype(grads.dtype)).norm(dim=1)
         return grad_norm_penalty_reference(grads, weight=weight, center=center, p=p, one_sided=one_sided), norms
     return _GradNormPenalty.apply(grads, weight, center, p, one_sided, chosen)
 

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .._backend import extension, resolve
-from .._checks import (SELF_OVERLAPPING, check_backend, check_not_inference, finite_number, has_internal_overlap,
-                       overlapping_pair, tensor_list)
+from .._checks import (SELF_OVERLAPPING, acc_dtype, check_backend, check_float_dtype, check_not_inference, finite_number,
+                       has_internal_overlap, overlapping_pair, positive_int, tensor_list)
 from .._triton import next_power_of_2, tl, triton
 
 __all__ = [
@@ -38,16 +38,13 @@ __all__ = [
     "power_iteration_reference_",
 ]
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- checks
 
 
 def _check_iterations(n_power_iterations) -> int:
-    if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) or n_power_iterations < 1:
-        raise ValueError(f"n_power_iterations: expected an int >= 1, got {n_power_iterations!r}")
-    return n_power_iterations
+    return positive_int("n_power_iterations", n_power_iterations)
 
 
 def _check_eps(eps) -> float:
@@ -73,9 +70,7 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
         if w.dim() != 2:
             raise ValueError(f"weights[{i}]: expected a 2-D matrix, got shape {tuple(w.shape)} (flatten conv weights "
                              "first; 1-D weights are not supported)")
-        if w.dtype not in _DTYPES:
-            raise ValueError(f"weights[{i}]: expected a floating-point tensor (float32, float64, float16, bfloat16), "
-                             f"got {w.dtype}")
+        check_float_dtype(w, f"weights[{i}]")
         _check_eps_fits(eps, w.dtype, f"weights[{i}]")
         for name, t, length in (("us", u, w.shape[0]), ("vs", v, w.shape[1])):
             if t.shape != (length,) or t.dtype != w.dtype or t.device != w.device:
@@ -219,7 +214,7 @@ def _triton_power_iteration(weights, us, vs, n_iterations: int, eps: float) -> t
     """One launch for a list of weights of one device and dtype; returns the sigmas (float32, or
     float64 for float64 weights)."""
     device, dtype = weights[0].device, weights[0].dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     table, offset = [], 0
     for w, u, v in zip(weights, us, vs):
         rows, cols = w.shape
