@@ -257,6 +257,11 @@ class RunFolder:
         self._depth = 1
         return self
 
+    @property
+    def held(self) -> bool:
+        """Whether this run holds the folder's lock now."""
+        return self._depth > 0
+
     def release(self) -> None:
         if not self._depth:
             return

@@ -248,8 +248,8 @@ class Trainer:
     def acquire_folder(self) -> None:
         """Locks ``out`` for this run (a second run into it is refused), proves it writable and
         large enough for a checkpoint; nested calls are counted. No-op without ``out``."""
-        if self.folder is not None:
-            self.folder.acquire(expected_bytes=ckpt_io.nbytes(self.state()))
+        if self.folder is not None:  # the size estimate builds a state: only for the outermost acquire
+            self.folder.acquire(expected_bytes=0 if self.folder.held else ckpt_io.nbytes(self.state()))
 
     def release_folder(self) -> None:
         if self.folder is not None:
