@@ -110,3 +110,77 @@ def test_cuda_bench_without_a_gpu_says_so_in_one_line(capsys):
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "nothing was run" in lines[0]
+
+
+# ----------------------------------------------------------------------------- one dispatch point
+
+
+class _NoCudaHalf:
+    """The extension as a build with WGAN_KERNELS_SKIP_CUDA=1 loads it."""
+
+    has_cuda = False
+
+
+@pytest.fixture
+def cpu_only_extension(monkeypatch):
+    monkeypatch.setattr(_backend, "_ext", _NoCudaHalf())
+    monkeypatch.setattr(_backend, "_ext_loaded", True)
+    monkeypatch.setattr(_backend, "_ext_error", None)
+    _backend._resolve.cache_clear()
+    yield
+    _backend._resolve.cache_clear()
+
+
+def test_extension_without_cuda_half(cpu_only_extension):
+    """CUDA tensors go to the reference under auto; forcing cpp names the missing half."""
+    assert _backend.resolve("clip_", "cpu") == "cpp"
+    assert _backend.resolve("clip_", "cuda") == "reference"
+    with pytest.raises(RuntimeError, match="without its CUDA half"):
+        _backend.resolve("clip_", "cuda", "cpp")
+    assert _backend.resolve_tensors("clip_", [torch.randn(2), torch.randn(3)]) == "cpp"
+
+
+def test_chain_path_and_layer_activation(monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.delenv(_backend.BACKEND_ENV, raising=False)
+    assert _backend.chain_path(x) == "one-node"
+    assert _backend.layer_activation(x.device) == "reference"  # CPU keeps aten's kernels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _backend.chain_path(x) == "layer-by-layer"
+    for name, path in (("reference", "layer-by-layer"), ("triton", "layer-by-layer"), ("cpp", "one-node"),
+                       ("auto", "one-node")):
+        monkeypatch.setenv(_backend.BACKEND_ENV, name)
+        assert _backend.chain_path(x) == path, name
+    monkeypatch.setenv(_backend.BACKEND_ENV, "cpp")
+    assert _backend.layer_activation(x.device) == "reference"
+
+
+def test_chain_path_under_compile(monkeypatch):
+    monkeypatch.delenv(_backend.BACKEND_ENV, raising=False)
+    seen = []
+
+    def f(x):
+        seen.append((_backend.compiling(), _backend.chain_path(x), _backend.layer_activation(x.device)))
+        return x * 2
+
+    torch.compile(f, backend="eager")(torch.randn(3))
+    assert seen == [(True, "layer-by-layer", "reference")]
+
+
+def test_no_dispatch_outside_backend():
+    """Implementation choices live in _backend: no other module reads the backend variable (info
+    only prints it) or asks torch.compiler whether it is compiling (they call resolve,
+    resolve_tensors, chain_path, layer_activation or compiling)."""
+    from pathlib import Path
+
+    root = Path(wk.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "_backend.py":
+            continue
+        text = path.read_text()
+        for needle in ("is_compiling(", "getenv(BACKEND_ENV", 'getenv("WGAN_KERNELS_BACKEND"',
+                       'environ.get("WGAN_KERNELS_BACKEND"', "requested_backend("):
+            if needle in text:
+                offenders.append(f"{path.relative_to(root)}: {needle}")
+    assert offenders == [], offenders

@@ -224,3 +224,22 @@ def test_checker_sees_upward_and_cyclic_imports(tmp_path):
     assert any(v.startswith("wgan_kernels.nn.b -> wgan_kernels.train") for v in bad), bad
     cycle = _cycle(module_level_graph(pkg))
     assert cycle is not None and {"wgan_kernels.train.c", "wgan_kernels.train.d"} <= set(cycle), cycle
+
+
+# the package's private modules (imported as modules: they are internal to the package, not to a file)
+PRIVATE_MODULES = ("_C", "_backend", "_triton", "_checks", "_env", "_chain")
+
+
+def test_no_private_names_across_modules():
+    """A module uses another module's public names only (``from x import _y`` would couple it to
+    an implementation detail, as nn/spectral.py once did with ops/spectral_norm.py)."""
+    bad = []
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level + bool(node.module) and node.module != "__future__":
+                for alias in node.names:
+                    name = alias.name
+                    if name.startswith("_") and not name.startswith("__") and name not in PRIVATE_MODULES:
+                        bad.append(f"{path.relative_to(ROOT)}: from {'.' * node.level}{node.module or ''} "
+                                   f"import {alias.name}")
+    assert bad == [], bad

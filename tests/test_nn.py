@@ -257,15 +257,15 @@ def test_from_torch_shares_parameters(gen):
     "model,match",
     [
         (nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.BatchNorm1d(4)), r"module\[3\]: BatchNorm1d"),
-        (nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Dropout())), r"module\[0\]\[1\]: Dropout"),
+        (nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.MaxPool1d(2))), r"module\[0\]\[1\]: MaxPool1d"),
         (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), r"module\[0\]: .*padding_mode='reflect'"),
         (nn.Sequential(nn.Conv2d(3, 4, 4, padding="same")), r"module\[0\]: .*padding='same'"),
         (nn.Sequential(torch.nn.utils.parametrizations.orthogonal(nn.Linear(4, 4))), r"module\[0\]: ParametrizedLinear"),
         (nn.Sequential(torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 4), dim=1)), r"module\[0\]: .*dim=1"),
-        (nn.Sequential(nn.Identity()), r"module\[0\]: Identity"),
+        (nn.Sequential(nn.Upsample(scale_factor=2)), r"module\[0\]: Upsample"),
     ],
-    ids=["batchnorm", "nested-dropout", "reflect-padding", "same-even-kernel", "orthogonal", "spectral-norm-dim1",
-         "identity"],
+    ids=["batchnorm", "nested-maxpool", "reflect-padding", "same-even-kernel", "orthogonal", "spectral-norm-dim1",
+         "upsample"],
 )
 def test_from_torch_rejects_unsupported(model, match):
     with pytest.raises(ValueError, match=match):

@@ -9,8 +9,19 @@ Backends:
 
 ``backend=`` on an op, else the environment variable ``WGAN_KERNELS_BACKEND``, else ``"auto"``.
 A missing extension is reported once (a warning) and remembered for ``wgan-kernels info``;
-``WGAN_KERNELS_STRICT=1`` turns that fallback into an error (CI sets it). Nothing else in the
-package branches on device or availability.
+``WGAN_KERNELS_STRICT=1`` turns that fallback into an error (CI sets it).
+
+Every choice of implementation is made here, nowhere else:
+
+- ``resolve(op, device, backend)``: the backend of one op call; ``resolve_tensors`` for ops that
+  take tensors on several devices at once (clip, RMSprop: a build without the CUDA half sends
+  CUDA tensors to the reference);
+- ``chain_path(x)``: how ``wgan_kernels.nn`` runs a critic's explicit input-gradient chain:
+  ``"one-node"`` (one autograd node for the piecewise-linear critics, nn/_chain.py) or
+  ``"layer-by-layer"`` (each block's ops, differentiable twice);
+- ``layer_activation(device)``: on the layer-by-layer chain, whether the piecewise-linear
+  activations use the Triton mask kernels (``"triton"``) or aten's (``"reference"``);
+- ``compiling()``: the one switch for ``torch.compile``, where ops take their traceable form.
 """
 
 from __future__ import annotations
@@ -41,6 +52,12 @@ _ext = None
 _ext_error: str | None = None
 _ext_loaded = False
 _warned = False
+
+
+def compiling() -> bool:
+    """Whether torch.compile (Dynamo) is tracing this call: ops then take their traceable form
+    (inductor fuses plain ops itself, and traced tensors have no addresses to compare)."""
+    return torch.compiler.is_compiling()
 
 
 def _strict() -> bool:
@@ -118,7 +135,10 @@ def _resolve(op: str, device_type: str, name: str, interpreting: bool) -> str:
         raise ValueError(f"backend: {op} has no {name!r} implementation for {device_type} tensors "
                          f"(it has {implemented + ('reference',)})")
     if not available(name, device_type):
-        why = _ext_error if name == "cpp" else "Triton is not importable, or CPU tensors without TRITON_INTERPRET=1"
+        if name == "triton":
+            why = "Triton is not importable, or CPU tensors without TRITON_INTERPRET=1"
+        else:
+            why = _ext_error or "the extension was built without its CUDA half"
         raise RuntimeError(f"backend: {name!r} was requested for {op} on {device_type} but is not available: {why}")
     return name
 
@@ -134,3 +154,47 @@ def resolve(op: str, device: torch.device | str, backend: str | None = None) -> 
     if name not in BACKENDS:
         requested_backend(backend)  # raises, naming the argument or the variable
     return _resolve(op, device_type, name, _triton.interpreting())
+
+
+def resolve_tensors(op: str, tensors: list, backend: str | None = None) -> str:
+    """``resolve`` for an op that takes tensors on several devices in one call: the backend of
+    the first tensor's device, unless that is the extension built without its CUDA half and a
+    CUDA tensor is among them (then the choice for CUDA: the reference, or an error if forced)."""
+    first = tensors[0]
+    device = ("cpu" if first.is_cpu else first.device) if isinstance(first, torch.Tensor) else "cpu"
+    name = resolve(op, device, backend)
+    if name == "cpp" and not extension().has_cuda:
+        if any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+            return resolve(op, "cuda", backend)
+    return name
+
+
+CHAIN_PATHS = ("one-node", "layer-by-layer")
+
+
+def chain_path(x: torch.Tensor) -> str:
+    """How wgan_kernels.nn runs a critic's explicit chain on ``x`` (``CHAIN_PATHS``).
+
+    ``"one-node"``, the default, for critics that qualify (piecewise-linear ones: nn/_chain.py
+    decides from the critic); ``"layer-by-layer"`` inside torch.compile (inductor fuses the
+    block ops itself), under autocast (each op picks its own dtype), and when
+    ``WGAN_KERNELS_BACKEND`` is ``reference`` (aten ops only, the oracle) or ``triton`` (the
+    blocks' Triton activation kernels, which only the layer-by-layer chain calls)."""
+    if compiling() or torch.is_autocast_enabled(x.device.type):
+        return "layer-by-layer"
+    if requested_backend(None) in ("reference", "triton"):
+        return "layer-by-layer"
+    return "one-node"
+
+
+def layer_activation(device) -> str:
+    """The layer-by-layer chain's piecewise-linear activations on ``device``: ``"triton"`` (the
+    bias + leaky ReLU kernel saving a 1-byte mask; CUDA, or CPU under TRITON_INTERPRET=1 when
+    forced) or ``"reference"`` (aten's kernels: on CPU, inside torch.compile, and when
+    ``WGAN_KERNELS_BACKEND`` is ``cpp`` or ``reference``)."""
+    if compiling():
+        return "reference"
+    name = requested_backend(None)
+    if name in ("cpp", "reference"):
+        return "reference"
+    return resolve("activation_mask", device, name)

@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from ._backend import BACKENDS, PREFERENCES, compiling
+
 
 # The floating dtypes every kernel takes, and the accumulation rule they share.
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -115,7 +117,6 @@ def check_backend(op: str, backend) -> None:
     """``backend=`` of ``op`` checked at the front door (an optimizer's construction, an op given
     nothing to do): a known name that ``op`` implements on some device. Whether it can run on the
     tensors' device is decided when it runs (``wgan_kernels._backend.resolve``)."""
-    from ._backend import BACKENDS, PREFERENCES  # noqa: PLC0415 - keeps this module free of import cycles
 
     if backend is None:
         return
@@ -131,7 +132,7 @@ def check_not_inference(t: torch.Tensor, name: str) -> None:
     """Refuses an inference tensor about to be written in place outside inference mode (torch
     itself refuses that; a kernel writing through a pointer would not). Skipped while compiling:
     Dynamo cannot trace ``is_inference`` (a graph break), and traced tensors are not inference tensors."""
-    if not torch.compiler.is_compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
+    if not compiling() and t.is_inference() and not torch.is_inference_mode_enabled():
         raise ValueError(f"{name}: {INFERENCE_TENSOR}")
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 
 import torch
 
-from ._backend import BACKENDS
+from ._backend import BACKENDS, compiling
 from ._checks import acc_dtype
 from .ops.penalty import check_parameters, grad_norm_penalty_and_norms
 
@@ -217,20 +218,45 @@ def _sample(real, fake, strategy, generator):
     return _lerp(real, noisy, _per_sample(real, generator))
 
 
-def _supports_input_grad(critic) -> bool:
-    from .nn import supports_input_grad  # noqa: PLC0415 - the layer below, imported on first use
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule")
 
-    return supports_input_grad(critic)
+
+def _explicit(critic, x):
+    """``(out, grad_x)`` on the critic's explicit path, or None (then autograd's double backward):
+    a wgan_kernels.nn critic; a torch module through its traced graph (nn/trace.py), with a
+    one-time note (a warning, once per critic and reason) when the graph has no explicit path."""
+    from .nn import supports_input_grad  # noqa: PLC0415 - the layer below, imported on first use
+    from .nn.trace import Unsupported, traced_critic  # noqa: PLC0415
+
+    if supports_input_grad(critic):
+        return critic.forward_with_input_grad(x)
+    if not isinstance(critic, torch.nn.Module):
+        return None
+    traced = traced_critic(critic)
+    try:
+        if type(critic).__name__ in _WRAPPERS:
+            raise Unsupported(f"{type(critic).__name__} wraps the critic, and its forward (gradient synchronisation, "
+                              "compilation) would be skipped by the explicit path")
+        return traced.forward_with_input_grad(x)
+    except Unsupported as e:
+        reason = str(e)
+        if reason not in traced.noted:
+            traced.noted.add(reason)
+            warnings.warn(f"wgan_kernels: {type(critic).__name__} takes autograd's double backward for the gradient "
+                          f"penalty (no explicit input-gradient path): {reason}", UserWarning, stacklevel=4)
+        return None
 
 
 def input_gradient(critic, x, *, scaler=None):
     """``(out, grad_x)`` with ``grad_x = d sum(critic(x)) / dx``, differentiable w.r.t. the
-    critic's parameters: the explicit path when the critic has one, else autograd with
-    ``create_graph=True``. With a ``GradScaler`` (AMP), the double-backward path scales the
+    critic's parameters: the explicit path when the critic has one (a wgan_kernels.nn critic, or
+    a torch module whose traced graph has one: see ``wgan_kernels.nn.from_torch``), else autograd
+    with ``create_graph=True``. With a ``GradScaler`` (AMP), the double-backward path scales the
     output before differentiating and unscales the gradient in float32 (PyTorch's AMP notes)."""
     _check_critic(critic)
-    if _supports_input_grad(critic):
-        out, grad_x = critic.forward_with_input_grad(x)
+    explicit = _explicit(critic, x)
+    if explicit is not None:
+        out, grad_x = explicit
         _check_output(out, x.shape[0])
         return out, grad_x
     if not torch.is_grad_enabled():
@@ -310,7 +336,7 @@ def _mean_difference(out: torch.Tensor, b: int) -> torch.Tensor:
     float64 critic, whose loss would otherwise be rounded to float32): one dot product (one
     autograd node) in eager mode; under torch.compile the plain means, which inductor fuses."""
     flat = (out if out.dtype == torch.float64 else out.float()).reshape(2 * b, -1)  # (.float(): cheaper than .to)
-    if torch.compiler.is_compiling():
+    if compiling():
         return flat[b:].mean() - flat[:b].mean()
     return flat.reshape(-1) @ _signs(b, flat.shape[1], out.device, flat.dtype)
 

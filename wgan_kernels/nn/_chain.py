@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import requested_backend
+from .._backend import chain_path
 
 # The program ``plan`` builds is a tree of explicit_ops.Op objects (``SequentialOp`` /
 # ``ResidualOp`` over leaf ops), each leaf with its slot in the tape; the chain below only walks
@@ -90,18 +90,22 @@ class _Tape:
 
 
 class _Program:
-    """The op tree of ``plan``, its number of tape slots and the slots of its affine ops (in
-    the order of the node's parameter inputs)."""
+    """The op tree of ``plan``, its number of tape slots, the slots of its affine ops (in the
+    order of the node's parameter inputs) and the constants the other ops were bound to for
+    this forward (``(slot, params)``: a ``MulOp``'s factor; tensors that need no gradient)."""
 
-    __slots__ = ("root", "n_slots", "param_slots")
+    __slots__ = ("root", "n_slots", "param_slots", "consts")
 
-    def __init__(self, root, n_slots, param_slots):
-        self.root, self.n_slots, self.param_slots = root, n_slots, param_slots
+    def __init__(self, root, n_slots, param_slots, consts=()):
+        self.root, self.n_slots, self.param_slots, self.consts = root, n_slots, param_slots, consts
 
-    def tape(self, params) -> _Tape:
+    def tape(self, params=None) -> _Tape:
         tape = _Tape(self.n_slots)
-        for i, slot in enumerate(self.param_slots):
-            tape.params[slot] = (params[2 * i], params[2 * i + 1])
+        if params is not None:
+            for i, slot in enumerate(self.param_slots):
+                tape.params[slot] = (params[2 * i], params[2 * i + 1])
+        for slot, values in self.consts:
+            tape.params[slot] = values
         return tape
 
 
@@ -110,8 +114,9 @@ SECOND_ORDER_ERROR = (
     "(out, grad_x) of forward_with_input_grad, and losses built on it such as critic_loss, can be "
     "differentiated once (loss.backward(), torch.autograd.grad without create_graph), not twice. "
     "For a second derivative (a Hessian-vector product, a penalty on the parameter gradients, "
-    "gradgradcheck) use the plain torch critic with autograd's double backward "
-    "(torch.autograd.grad(critic(x).sum(), x, create_graph=True)), or set "
+    "gradgradcheck) use autograd's double backward on the plain torch critic "
+    "(torch.autograd.grad(critic(x).sum(), x, create_graph=True); critic_loss takes it for a "
+    "critic passed as a function, e.g. lambda x: critic(x)), or set "
     "WGAN_KERNELS_BACKEND=reference for the layer-by-layer chain, which is differentiable twice."
 )
 
@@ -197,7 +202,7 @@ class _PiecewiseLinearChain(torch.autograd.Function):
         root, slots = program.root, program.param_slots
         saved = ctx.saved_tensors
         n_t, n = len(ctx.tensor_slots), len(slots)
-        tape = _Tape(program.n_slots)
+        tape = program.tape()
         for i, t in zip(ctx.tensor_slots, saved[:n_t]):
             tape.saved[i] = t
         for i, s in ctx.others:
@@ -267,16 +272,16 @@ def plan(seq, x: torch.Tensor):
     on 4-D input with zero padding, ``LeakyReLU`` with a slope >= 0, ``ReLU``, ``AvgPool2d`` (4-D),
     ``Flatten`` (not of the batch dimension), and ``Sequential`` / ``Residual`` of those, exactly
     those classes: no subclasses such as ``SNLinear``), at least one affine op, weights of the
-    input's dtype and device; no autocast, not inside ``torch.compile`` (inductor fuses the
-    layer-by-layer chain itself), and ``WGAN_KERNELS_BACKEND`` neither ``reference`` (the
-    layer-by-layer chain of aten ops) nor ``triton`` (the layer-by-layer chain with the Triton
-    activation-mask kernels)."""
-    if requested_backend(None) in ("reference", "triton") or x.dim() < 2:
+    input's dtype and device; and ``_backend.chain_path(x)`` is ``"one-node"`` (not inside
+    torch.compile or autocast, the backend not forced to ``reference`` or ``triton``)."""
+    if x.dim() < 2 or chain_path(x) != "one-node":
         return None
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
-        return None
-    root = seq._op()
-    if root is None:
+    return plan_root(seq._op(), x)
+
+
+def plan_root(root, x: torch.Tensor):
+    """``plan`` for an op tree ``root`` (None: no program)."""
+    if root is None or x.dim() < 2 or chain_path(x) != "one-node":
         return None
     planner = _Planner(x)
     if root.plan(planner, x.dim()) is None:
@@ -287,7 +292,8 @@ def plan(seq, x: torch.Tensor):
     for k, i in enumerate(slots):
         planner.ops[i].index = k
     params = [p for i in slots for p in planner.ops[i].params]
-    return _Program(root, len(planner.ops), slots), params
+    consts = tuple((i, op.params) for i, op in enumerate(planner.ops) if not op.has_params and op.params)
+    return _Program(root, len(planner.ops), slots, consts), params
 
 
 def forward_with_input_grad(program, params, x):

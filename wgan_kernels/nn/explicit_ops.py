@@ -32,15 +32,18 @@ class), which ``from_torch`` and the block classes of layers.py read.
 Adding an operation = one class here (plus its tests): ``forward``, ``vjp``, ``from_module`` and
 ``torch_type``; piecewise-linear ones add ``tangent`` and ``chain_dim`` to take the one-node path.
 
-Imports run one way: this module imports ``torch`` and ``wgan_kernels.ops`` only.
+Imports run one way: this module imports ``torch``, ``wgan_kernels.ops`` and ``wgan_kernels._backend`` only.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._backend import layer_activation
 from ..ops import activation as _act
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -202,37 +205,48 @@ class LinearOp(Op):
         return dim if dim == 2 and w.dtype == x.dtype and w.device == x.device else None
 
 
-class Conv2dOp(Op):
-    """``conv2d`` with zero padding; dx is the transposed convolution of dy with the same weight
-    (``output_padding`` restores the input size the strided forward rounded away)."""
+def _ntuple(v, n: int) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
 
-    torch_type = nn.Conv2d
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class _ConvOp(Op):
+    """``conv{1,2,3}d`` with zero padding (any stride, dilation, groups); dx is the transposed
+    convolution of dy with the same weight (``output_padding`` restores the input size the
+    strided forward rounded away). ``nd``: the number of spatial dims."""
+
+    nd = 2
     piecewise_linear = has_params = True
 
     def __init__(self, weight, bias, stride, padding, dilation, groups, supported=True):
+        n = self.nd
         self.params = (weight, bias)
-        self.stride, self.padding, self.dilation, self.groups = _pair(stride), _pair(padding), _pair(dilation), groups
-        self.supported = supported
+        self.stride, self.padding, self.dilation = _ntuple(stride, n), _ntuple(padding, n), _ntuple(dilation, n)
+        self.groups, self.supported = groups, supported
 
     @classmethod
     def from_module(cls, m):
         padding = m.padding
         if padding == "valid":
-            padding = (0, 0)
+            padding = (0,) * cls.nd
         elif padding == "same":
             padding = tuple(d * (k - 1) // 2 for d, k in zip(m.dilation, m.kernel_size))
         return cls(m.weight, m.bias, m.stride, padding, m.dilation, m.groups, cls.unsupported(m, "") is None)
 
     @classmethod
     def unsupported(cls, m, path):
+        name = type(m).__name__
         if m.padding_mode != "zeros":
-            return f"{path}: Conv2d with padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
+            return f"{path}: {name} with padding_mode={m.padding_mode!r} is not supported (only 'zeros')"
         if m.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size)):
-            return f"{path}: Conv2d with padding='same' and an even (dilated) kernel pads unevenly; not supported"
+            return f"{path}: {name} with padding='same' and an even (dilated) kernel pads unevenly; not supported"
         return None
 
     def forward(self, p, x):
-        return F.conv2d(x, p[0], p[1], self.stride, self.padding, self.dilation, self.groups), x
+        return _CONV[self.nd](x, p[0], p[1], self.stride, self.padding, self.dilation, self.groups), x
 
     def forward_fused(self, p, x):
         check_matches_weight(x, p[0])
@@ -240,30 +254,51 @@ class Conv2dOp(Op):
 
     def _backward(self, grad_out, inp, weight, mask):
         return torch.ops.aten.convolution_backward(grad_out, inp, weight, None, self.stride, self.padding,
-                                                   self.dilation, False, [0, 0], self.groups, mask)
+                                                   self.dilation, False, [0] * self.nd, self.groups, mask)
 
     def vjp(self, p, saved, g, first_order=False):
         if first_order:  # aten's convolution backward: the one-node chain (no graph)
             return self._backward(g, saved, p[0], [True, False, False])[0]
         weight = p[0]  # a transposed convolution: differentiable twice
+        n = self.nd
         output_padding = [
             size_in - ((size_out - 1) * s - 2 * pad + d * (k - 1) + 1)
-            for size_in, size_out, s, pad, d, k in zip(saved.shape[-2:], g.shape[-2:], self.stride, self.padding,
-                                                       self.dilation, weight.shape[-2:])
+            for size_in, size_out, s, pad, d, k in zip(saved.shape[-n:], g.shape[-n:], self.stride, self.padding,
+                                                       self.dilation, weight.shape[-n:])
         ]
-        return F.conv_transpose2d(g, weight, None, self.stride, self.padding, output_padding, self.groups,
-                                  self.dilation)
+        return _CONV_T[n](g, weight, None, self.stride, self.padding, output_padding, self.groups, self.dilation)
 
     def tangent(self, p, saved, psi):
-        return F.conv2d(psi, p[0], None, self.stride, self.padding, self.dilation, self.groups)
+        return _CONV[self.nd](psi, p[0], None, self.stride, self.padding, self.dilation, self.groups)
 
     def weight_grad(self, p, inp, grad_out):
         return self._backward(grad_out, inp, p[0], [False, True, False])[1]
 
     def chain_dim(self, dim, x):
         w = self.params[0]
-        ok = dim == 4 and self.supported and w.dtype == x.dtype and w.device == x.device
+        ok = dim == self.nd + 2 and self.supported and w.dtype == x.dtype and w.device == x.device
         return dim if ok else None
+
+
+class Conv1dOp(_ConvOp):
+    """``conv1d`` (see ``_ConvOp``)."""
+
+    torch_type = nn.Conv1d
+    nd = 1
+
+
+class Conv2dOp(_ConvOp):
+    """``conv2d`` (see ``_ConvOp``)."""
+
+    torch_type = nn.Conv2d
+    nd = 2
+
+
+class Conv3dOp(_ConvOp):
+    """``conv3d`` (see ``_ConvOp``)."""
+
+    torch_type = nn.Conv3d
+    nd = 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +328,7 @@ class LeakyReLUOp(Op):
         return y, (y if self.slope >= 0 else x)
 
     def forward_fused(self, p, x):
-        if _act.fused(x.device):  # CUDA: Triton kernels, a 1-byte mask saved instead of x
+        if layer_activation(x.device) == "triton":  # CUDA: Triton kernels, a 1-byte mask saved instead of x
             y, mask = _act.leaky_relu_with_mask(x, self.slope, backend="triton")
             return y, Mask(mask)
         return self.forward(p, x)
@@ -403,6 +438,24 @@ class TanhOp(Op):
     def vjp(self, p, y, g, first_order=False):
         yu, gu = _upcast(y), _upcast(g)
         return (gu * (1 - yu * yu)).to(g.dtype)
+
+
+class SigmoidOp(Op):
+    """y = sigmoid(x); dy/dx = y (1 - y)."""
+
+    torch_type = nn.Sigmoid
+
+    @classmethod
+    def from_module(cls, m):
+        return cls()
+
+    def forward(self, p, x):
+        y = torch.sigmoid(x)
+        return y, y
+
+    def vjp(self, p, y, g, first_order=False):
+        yu, gu = _upcast(y), _upcast(g)
+        return (gu * yu * (1 - yu)).to(g.dtype)
 
 
 class GELUOp(Op):
@@ -517,6 +570,487 @@ class FlattenOp(Op):
         if start == 0 or start > end:  # the batch dimension stays: the backward is per sample
             return None
         return dim - (end - start)
+
+
+class IdentityOp(Op):
+    """y = x (``nn.Identity``, and a dropout in eval mode)."""
+
+    torch_type = nn.Identity
+    piecewise_linear = linear = True
+
+    @classmethod
+    def from_module(cls, m):
+        return cls()
+
+    def forward(self, p, x):
+        return x, None
+
+    def vjp(self, p, saved, g, first_order=False):
+        return g
+
+    tangent = vjp
+
+    def chain_dim(self, dim, x):
+        return dim
+
+
+class ReduceOp(Op):
+    """``x.sum(dims)`` / ``x.mean(dims)`` (``scale`` 1 / the count) over non-batch dims, and
+    ``AdaptiveAvgPool{1,2,3}d`` to size 1 (a mean keeping the dims). Its adjoint broadcasts g back."""
+
+    piecewise_linear = linear = True
+
+    def __init__(self, dims, keepdim: bool, scale: float = 1.0):
+        self.dims, self.keepdim, self.scale = tuple(sorted(dims)), keepdim, scale
+
+    def forward(self, p, x):
+        y = x.sum(self.dims, keepdim=self.keepdim)
+        return (y if self.scale == 1.0 else y * self.scale), x.shape
+
+    def vjp(self, p, shape, g, first_order=False):
+        if not self.keepdim:
+            for d in self.dims:
+                g = g.unsqueeze(d)
+        g = g.expand(shape)
+        return g if self.scale == 1.0 else g * self.scale
+
+    def tangent(self, p, shape, psi):
+        return self.forward(p, psi)[0]
+
+    def chain_dim(self, dim, x):
+        return dim - (0 if self.keepdim else len(self.dims))
+
+
+class _AdaptiveAvgPoolOp(ReduceOp):
+    """``AdaptiveAvgPool{n}d`` with output size 1: the mean over the spatial dims, kept."""
+
+    nd = 2
+
+    @classmethod
+    def from_module(cls, m):
+        dims = tuple(range(2, 2 + cls.nd))
+        return cls(dims, True, 1.0)  # the scale is set from the input's shape in forward
+
+    @classmethod
+    def unsupported(cls, m, path):
+        size = _ntuple(m.output_size, cls.nd)
+        if any(s != 1 for s in size):
+            return (f"{path}: {type(m).__name__} with output_size={m.output_size!r} is not supported "
+                    "(only 1: a global average pool)")
+        return None
+
+    def forward(self, p, x):
+        self.scale = 1.0 / math.prod(x.shape[2:]) if x.dim() == self.nd + 2 else 1.0
+        return super().forward(p, x)
+
+
+class AdaptiveAvgPool1dOp(_AdaptiveAvgPoolOp):
+    """Global average pool over L."""
+
+    torch_type = nn.AdaptiveAvgPool1d
+    nd = 1
+
+
+class AdaptiveAvgPool2dOp(_AdaptiveAvgPoolOp):
+    """Global average pool over H, W."""
+
+    torch_type = nn.AdaptiveAvgPool2d
+    nd = 2
+
+
+class AdaptiveAvgPool3dOp(_AdaptiveAvgPoolOp):
+    """Global average pool over D, H, W."""
+
+    torch_type = nn.AdaptiveAvgPool3d
+    nd = 3
+
+
+class ScaleOp(Op):
+    """y = c x for a number c (``h * 0.5``, ``h / 2``, ``-h``)."""
+
+    piecewise_linear = linear = True
+
+    def __init__(self, c: float):
+        self.c = c
+
+    def forward(self, p, x):
+        return x * self.c, None
+
+    def vjp(self, p, saved, g, first_order=False):
+        return g * self.c
+
+    tangent = vjp
+
+    def chain_dim(self, dim, x):
+        return dim
+
+
+class MulOp(Op):
+    """y = x * t for a tensor t that does not depend on x (broadcast; per sample, or shared):
+    an embedding in a projection critic, a fixed scale. ``params`` is ``(t,)``, bound for each
+    forward. A linear map of x; on the one-node chain only when t needs no gradient."""
+
+    piecewise_linear = linear = True
+
+    def __init__(self, t=None):
+        self.params = (t,)
+
+    def forward(self, p, x):
+        return x * p[0], x.shape
+
+    def vjp(self, p, shape, g, first_order=False):
+        return (g * p[0]).sum_to_size(shape)
+
+    def tangent(self, p, shape, psi):
+        return psi * p[0]
+
+    def chain_dim(self, dim, x):
+        t = self.params[0]
+        if t.requires_grad or t.dim() > dim or (t.dim() == dim and t.shape[0] not in (1, x.shape[0])):
+            return None
+        return dim
+
+
+class ReshapeOp(Op):
+    """A reshape of each sample (``view``, ``reshape``, ``flatten``, ``unflatten``, ``squeeze``,
+    ``unsqueeze`` that keep the batch dimension first): ``(N, *shape)``; back to the input's shape."""
+
+    piecewise_linear = linear = True
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+    def forward(self, p, x):
+        return x.reshape((x.shape[0],) + self.shape), x.shape
+
+    def vjp(self, p, shape, g, first_order=False):
+        return g.reshape(shape)
+
+    def tangent(self, p, shape, psi):
+        return psi.reshape((psi.shape[0],) + self.shape)
+
+    def chain_dim(self, dim, x):
+        return 1 + len(self.shape)
+
+
+class UnflattenOp(Op):
+    """``nn.Unflatten`` of a non-batch dim; back by a reshape."""
+
+    torch_type = nn.Unflatten
+    piecewise_linear = linear = True
+
+    def __init__(self, dim: int, sizes):
+        self.dim, self.sizes = dim, tuple(sizes)
+
+    @classmethod
+    def from_module(cls, m):
+        return cls(m.dim, m.unflattened_size)
+
+    @classmethod
+    def unsupported(cls, m, path):
+        if m.dim == 0 or isinstance(m.unflattened_size[0], tuple):
+            return f"{path}: Unflatten of dim 0 (the batch) or with named sizes is not supported"
+        return None
+
+    def forward(self, p, x):
+        if self.dim % x.dim() == 0:
+            raise ValueError(f"Unflatten: dim {self.dim} is the batch dimension of a {x.dim()}-D input")
+        return x.unflatten(self.dim, self.sizes), x.shape
+
+    def vjp(self, p, shape, g, first_order=False):
+        return g.reshape(shape)
+
+    def tangent(self, p, shape, psi):
+        return psi.unflatten(self.dim, self.sizes)
+
+    def chain_dim(self, dim, x):
+        return dim + len(self.sizes) - 1 if self.dim % dim != 0 else None
+
+
+class PermuteOp(Op):
+    """A permutation of the non-batch dims (``transpose``, ``permute``, ``.mT`` of each sample);
+    back by the inverse permutation."""
+
+    piecewise_linear = linear = True
+
+    def __init__(self, perm):
+        self.perm = tuple(perm)
+        self.inverse = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
+
+    def forward(self, p, x):
+        return x.permute(self.perm), None
+
+    def vjp(self, p, saved, g, first_order=False):
+        return g.permute(self.inverse)
+
+    def tangent(self, p, saved, psi):
+        return psi.permute(self.perm)
+
+    def chain_dim(self, dim, x):
+        return dim
+
+
+class _DropoutOp(Op):
+    """A training-mode dropout: y = x * m, the mask m (0 or 1 / (1 - p), one value per element,
+    or per channel for the Dropout{1,2,3}d) drawn by torch's own dropout of ones, so it takes the
+    same random numbers as ``module(x)`` would; for that forward it is a fixed linear map, whose
+    adjoint and tangent multiply by m. In eval mode (or p = 0) an identity."""
+
+    piecewise_linear = linear = True
+    nd = 0  # Dropout: per element; Dropout{n}d: per channel of an (N, C, *n dims) input
+    _FN = {0: F.dropout, 1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}
+
+    def __init__(self, p: float, training: bool):
+        self.p, self.training = p, training
+
+    @classmethod
+    def from_module(cls, m):
+        return cls(m.p, m.training)
+
+    def forward(self, p, x):
+        if not self.training or self.p == 0:
+            return x, None
+        shape = x.shape if self.nd == 0 else x.shape[:2] + (1,) * self.nd
+        mask = self._FN[self.nd](x.new_ones(shape), self.p, True)
+        return x * mask, mask
+
+    def vjp(self, p, mask, g, first_order=False):
+        return g if mask is None else g * mask
+
+    tangent = vjp
+
+    def chain_dim(self, dim, x):
+        return dim if self.nd == 0 or dim == self.nd + 2 else None
+
+
+class DropoutOp(_DropoutOp):
+    """``nn.Dropout`` (see ``_DropoutOp``)."""
+
+    torch_type = nn.Dropout
+
+
+class Dropout1dOp(_DropoutOp):
+    """``nn.Dropout1d``: one mask value per (sample, channel)."""
+
+    torch_type = nn.Dropout1d
+    nd = 1
+
+
+class Dropout2dOp(_DropoutOp):
+    """``nn.Dropout2d``: one mask value per (sample, channel)."""
+
+    torch_type = nn.Dropout2d
+    nd = 2
+
+
+class Dropout3dOp(_DropoutOp):
+    """``nn.Dropout3d``: one mask value per (sample, channel)."""
+
+    torch_type = nn.Dropout3d
+    nd = 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisations. Eval-mode BatchNorm is a per-channel affine map of its running statistics
+# (piecewise-linear: it takes the one-node chain). The per-sample norms (LayerNorm, GroupNorm,
+# InstanceNorm) are smooth: their adjoint is written out with differentiable ops. A norm that
+# uses the batch's statistics couples the samples, so the per-sample gradient a penalty needs is
+# not what the explicit path computes: refused with that reason.
+# ----------------------------------------------------------------------------------------------
+
+BATCH_STATISTICS = ("{path}: {name} in training mode (or without running statistics) normalises with the "
+                    "batch's statistics, which couples the samples of a minibatch: a per-sample gradient penalty "
+                    "is not defined on it; put it in eval mode or use a per-sample norm (LayerNorm, GroupNorm, "
+                    "InstanceNorm)")
+
+
+class _BatchNormOp(Op):
+    """Eval-mode ``BatchNorm{1,2,3}d``: y = (x - mean) s + b with s = w / sqrt(var + eps) per
+    channel (dim 1), from the running statistics. Affine (``has_params``: (weight, bias)) when
+    the module is: the tangent is psi s, the weight gradient sum(grad_out (x - mean)) / sqrt(var +
+    eps); it saves the centred input. Without affine parameters a linear map plus a constant."""
+
+    piecewise_linear = True
+
+    def __init__(self, m):
+        self.module = m
+        self.has_params = m.affine
+        self.linear = not m.affine
+        self.params = (m.weight, m.bias) if m.affine else ()
+
+    @classmethod
+    def from_module(cls, m):
+        return cls(m)
+
+    @classmethod
+    def unsupported(cls, m, path):
+        if m.training or not m.track_running_stats or m.running_mean is None:
+            return BATCH_STATISTICS.format(path=path, name=type(m).__name__)
+        return None
+
+    def _shape(self, x):
+        return (1, -1) + (1,) * (x.dim() - 2)
+
+    def _inv_std(self, x):
+        m = self.module
+        return torch.rsqrt(m.running_var.to(_upcast(x).dtype) + m.eps).view(self._shape(x))
+
+    def forward(self, p, x):
+        m = self.module
+        w, b = (p[0], p[1]) if self.has_params else (None, None)
+        y = F.batch_norm(x, m.running_mean, m.running_var, w, b, False, 0.0, m.eps)
+        saved = (x - m.running_mean.to(x.dtype).view(self._shape(x))) if self.has_params else x.shape
+        return y, saved
+
+    def _scale(self, p, x):
+        s = self._inv_std(x)
+        return s * p[0].view(self._shape(x)) if self.has_params else s
+
+    def vjp(self, p, saved, g, first_order=False):
+        return (_upcast(g) * self._scale(p, g)).to(g.dtype)
+
+    tangent = vjp
+
+    def weight_grad(self, p, inp, grad_out):
+        dims = (0,) + tuple(range(2, inp.dim()))
+        return ((_upcast(grad_out) * _upcast(inp)) * self._inv_std(inp)).sum(dims).to(p[0].dtype)
+
+    def chain_dim(self, dim, x):
+        if not self.has_params:
+            return dim if dim >= 2 else None
+        w = self.params[0]
+        return dim if dim >= 2 and w.dtype == x.dtype and w.device == x.device else None
+
+
+class BatchNorm1dOp(_BatchNormOp):
+    """Eval-mode ``nn.BatchNorm1d`` (see ``_BatchNormOp``)."""
+
+    torch_type = nn.BatchNorm1d
+
+
+class BatchNorm2dOp(_BatchNormOp):
+    """Eval-mode ``nn.BatchNorm2d`` (see ``_BatchNormOp``)."""
+
+    torch_type = nn.BatchNorm2d
+
+
+class BatchNorm3dOp(_BatchNormOp):
+    """Eval-mode ``nn.BatchNorm3d`` (see ``_BatchNormOp``)."""
+
+    torch_type = nn.BatchNorm3d
+
+
+def _norm_vjp(x, g, groups_shape, affine_view, weight, eps):
+    """The adjoint of y = xhat w + b with xhat = (x - mean) / sqrt(var + eps) over the last dim
+    of ``x.reshape(groups_shape)``: dx = rstd (gw - mean(gw) - xhat mean(gw xhat)), gw = g w;
+    plain differentiable ops (in float32 for 16-bit inputs)."""
+    xu, gu = _upcast(x), _upcast(g)
+    if weight is not None:
+        gu = gu * weight.to(gu.dtype).view(affine_view)
+    xr, gr = xu.reshape(groups_shape), gu.reshape(groups_shape)
+    mean = xr.mean(-1, keepdim=True)
+    centred = xr - mean
+    rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = centred * rstd
+    dx = rstd * (gr - gr.mean(-1, keepdim=True) - xhat * (gr * xhat).mean(-1, keepdim=True))
+    return dx.reshape(x.shape).to(g.dtype)
+
+
+class LayerNormOp(Op):
+    """``nn.LayerNorm`` over the trailing ``normalized_shape`` dims (per sample): adjoint by
+    ``_norm_vjp``, differentiable again (its gradient reaches the layers before it)."""
+
+    torch_type = nn.LayerNorm
+
+    def __init__(self, m):
+        self.module = m
+        self.params = (m.weight, m.bias)
+
+    @classmethod
+    def from_module(cls, m):
+        return cls(m)
+
+    def forward(self, p, x):
+        m = self.module
+        return F.layer_norm(x, m.normalized_shape, p[0], p[1], m.eps), x
+
+    def vjp(self, p, x, g, first_order=False):
+        k = len(self.module.normalized_shape)
+        lead = x.shape[:-k]
+        view = (1,) * len(lead) + tuple(self.module.normalized_shape)
+        return _norm_vjp(x, g, lead + (-1,), view, p[0], self.module.eps)
+
+
+class GroupNormOp(Op):
+    """``nn.GroupNorm``: statistics per (sample, group) over its channels and positions."""
+
+    torch_type = nn.GroupNorm
+
+    def __init__(self, m):
+        self.module = m
+        self.params = (m.weight, m.bias)
+
+    @classmethod
+    def from_module(cls, m):
+        return cls(m)
+
+    def forward(self, p, x):
+        m = self.module
+        return F.group_norm(x, m.num_groups, p[0], p[1], m.eps), x
+
+    def vjp(self, p, x, g, first_order=False):
+        m = self.module
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return _norm_vjp(x, g, (x.shape[0], m.num_groups, -1), view, p[0], m.eps)
+
+
+class _InstanceNormOp(Op):
+    """``InstanceNorm{1,2,3}d``: statistics per (sample, channel) over positions (running
+    statistics, when tracked, are updated in training mode as the module does; in eval mode
+    with tracked statistics it is refused)."""
+
+    def __init__(self, m):
+        self.module = m
+        self.params = (m.weight, m.bias)
+
+    @classmethod
+    def from_module(cls, m):
+        return cls(m)
+
+    @classmethod
+    def unsupported(cls, m, path):
+        if not m.training and m.track_running_stats:
+            return (f"{path}: {type(m).__name__} in eval mode with track_running_stats=True (a per-channel affine "
+                    "map of the running statistics) is not supported")
+        return None
+
+    def forward(self, p, x):
+        m = self.module
+        y = F.instance_norm(x, m.running_mean, m.running_var, p[0], p[1], m.training or not m.track_running_stats,
+                            m.momentum if m.momentum is not None else 0.0, m.eps)
+        return y, x
+
+    def vjp(self, p, x, g, first_order=False):
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return _norm_vjp(x, g, (x.shape[0], x.shape[1], -1), view, p[0], self.module.eps)
+
+
+class InstanceNorm1dOp(_InstanceNormOp):
+    """``nn.InstanceNorm1d`` (see ``_InstanceNormOp``)."""
+
+    torch_type = nn.InstanceNorm1d
+
+
+class InstanceNorm2dOp(_InstanceNormOp):
+    """``nn.InstanceNorm2d`` (see ``_InstanceNormOp``)."""
+
+    torch_type = nn.InstanceNorm2d
+
+
+class InstanceNorm3dOp(_InstanceNormOp):
+    """``nn.InstanceNorm3d`` (see ``_InstanceNormOp``)."""
+
+    torch_type = nn.InstanceNorm3d
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._backend import layer_activation
 from ..ops import activation as _act
 from . import _chain
 from . import explicit_ops as _ops
@@ -96,7 +97,7 @@ class InputGradModule(nn.Module):
         ``(out, grad_x)`` can be differentiated twice, as autograd's double backward would.
         A ``Sequential`` that takes the one-node path (nn/_chain.py) is first-order: asking for a
         second derivative through it raises ``RuntimeError`` (``_chain.SECOND_ORDER_ERROR``)."""
-        _check_input(x)
+        check_input(x)
         reason = self._unsupported("module")
         if reason is not None:
             raise ValueError(reason)
@@ -147,7 +148,7 @@ def supports_input_grad(module: nn.Module) -> bool:
     return isinstance(module, InputGradModule) and module._unsupported("module") is None
 
 
-def _check_input(x) -> None:
+def check_input(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -207,7 +208,7 @@ class Sequential(InputGradModule, nn.Sequential):
     def forward_with_input_grad(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Piecewise-linear critics (MLP, DCGAN, ResNet): one autograd node for the whole chain (nn/_chain.py),
         # first-order only (a second derivative raises _chain.SECOND_ORDER_ERROR)
-        _check_input(x)
+        check_input(x)
         if not self._input_grad_hooks:  # hooks run around the layer-by-layer path (the base class's)
             chain = _chain.plan(self, x)
             if chain is not None:
@@ -219,7 +220,7 @@ class Sequential(InputGradModule, nn.Sequential):
         while i < len(layers):
             layer, after = layers[i], layers[i + 1] if i + 1 < len(layers) else None
             if (type(layer) is Conv2d and layer.bias is not None and type(after) in (LeakyReLU, ReLU)
-                    and _act.fused(x.device)):
+                    and layer_activation(x.device) == "triton"):
                 # conv without bias, then bias + activation + mask in one pass
                 conv, act = layer.op_type.from_module(layer), after.op_type.from_module(after)
                 z, conv_saved = conv.forward_fused((layer.weight, None), x)

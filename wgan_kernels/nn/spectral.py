@@ -49,8 +49,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import FLOAT_DTYPES
-from ..ops.spectral_norm import (_check_eps, _check_eps_fits, _check_iterations, _sigma, initial_vectors,
-                                 power_iteration_)
+from ..ops.spectral_norm import (check_eps, check_eps_fits, check_iterations, initial_vectors, power_iteration_,
+                                 sigma_at)
 from .explicit_ops import Conv2dOp, LinearOp, check_matches_weight
 from .layers import Conv2d, InputGradModule, Linear
 
@@ -87,8 +87,8 @@ class _SpectralState:
     ``_cached_sigma`` (the sigma that hook leaves for the current forward)."""
 
     def _init_spectral_state(self, n_power_iterations: int, eps: float) -> None:
-        self.n_power_iterations = _check_iterations(n_power_iterations)
-        self.eps = _check_eps(eps)
+        self.n_power_iterations = check_iterations(n_power_iterations)
+        self.eps = check_eps(eps)
         self.batched = False
         self._cached_sigma: torch.Tensor | None = None
 
@@ -114,7 +114,7 @@ class _SpectralState:
 
     def _frozen_sigma(self, weight: torch.Tensor) -> torch.Tensor:
         """``u . (W v)`` with the current u, v (not advanced), differentiable w.r.t. ``weight``."""
-        return _sigma(self.to_matrix(weight), self._u, self._v)
+        return sigma_at(self.to_matrix(weight), self._u, self._v)
 
 
 # ----------------------------------------------------------------------------- parametrization
@@ -137,7 +137,7 @@ class SpectralNorm(_SpectralState, nn.Module):
         if isinstance(dim, bool) or not isinstance(dim, int) or not (-max(ndim, 1) <= dim < max(ndim, 1)):
             raise ValueError(f"dim: expected an int in [-{max(ndim, 1)}, {max(ndim, 1) - 1}], got {dim!r}")
         self.dim = dim % ndim if ndim else 0
-        _check_eps_fits(self.eps, weight.dtype, "the weight")
+        check_eps_fits(self.eps, weight.dtype, "the weight")
         if ndim > 1:
             self._register_vectors(*initial_vectors(self.to_matrix(weight), self.eps))
 
@@ -169,8 +169,8 @@ def spectral_norm(module: nn.Module, name: str = "weight", n_power_iterations: i
     mode every access to ``module.<name>`` runs ``n_power_iterations`` of ``power_iteration_``
     (dispatched to a kernel); in eval mode u and v are frozen.
     """
-    _check_iterations(n_power_iterations)
-    _check_eps(eps)
+    check_iterations(n_power_iterations)
+    check_eps(eps)
     if not isinstance(module, nn.Module):
         raise ValueError(f"module: expected an nn.Module, got {type(module).__name__}")
     if not isinstance(name, str):
@@ -307,7 +307,7 @@ def _sn_block_from(layer: nn.Module, n_power_iterations: int, eps: float, vector
     new.weight, new.bias = weight, layer.bias
     if vectors is None:
         vectors = initial_vectors(new.to_matrix(weight), eps, n_power_iterations if layer.training else 0)
-    new.n_power_iterations, new.eps = _check_iterations(n_power_iterations), _check_eps(eps)
+    new.n_power_iterations, new.eps = check_iterations(n_power_iterations), check_eps(eps)
     new._u, new._v = vectors
     return new.train(layer.training)
 
@@ -407,8 +407,8 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
     ``forward_with_input_grad`` iterates as a forward does. u, v are drawn layer by layer in module
     order, as torch would draw them.
     """
-    _check_iterations(n_power_iterations)
-    _check_eps(eps)
+    check_iterations(n_power_iterations)
+    check_eps(eps)
     if not isinstance(critic, nn.Module):
         raise ValueError(f"critic: expected an nn.Module, got {type(critic).__name__}")
     if isinstance(critic, InputGradModule) and any(isinstance(h, _OneIterationPerStep)

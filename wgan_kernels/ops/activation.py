@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import BACKENDS, requested_backend, resolve
+from .._backend import BACKENDS, compiling, resolve
 from .._checks import FLOAT32_MAX, acc_dtype, check_float_dtype, finite_real
 from .._triton import tl, triton
 
@@ -199,16 +199,6 @@ class _LeakyReLUWithMask(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public
 
 
-def fused(device) -> bool:
-    """Whether the blocks should take the mask path on ``device``: the Triton backend resolves
-    (CUDA, or CPU under ``TRITON_INTERPRET=1`` with the backend forced) and we are not inside
-    ``torch.compile`` (where inductor fuses the plain ops itself)."""
-    if torch.compiler.is_compiling():
-        return False
-    name = requested_backend(None)  # WGAN_KERNELS_BACKEND; "cpp"/"reference" keep aten's kernels
-    return name in ("auto", "triton") and resolve(OP, device, name) == "triton"
-
-
 def leaky_relu_with_mask(x, negative_slope: float = 0.01, bias=None, *, backend: str | None = None):
     """``(leaky_relu(x + bias, negative_slope), (x + bias) > 0)``: ``bias`` (optional, shape (C,))
     broadcast along dim 1 of ``x`` (N, C, ...), the mask a ``torch.bool`` tensor of ``x``'s shape.
@@ -222,7 +212,7 @@ def leaky_relu_with_mask(x, negative_slope: float = 0.01, bias=None, *, backend:
     if x.numel() == 0:
         raise ValueError(f"x: expected a non-empty tensor, got shape {tuple(x.shape)}")
     _check_backend_type(backend)
-    if resolve(OP, x.device, backend) == "reference" or torch.compiler.is_compiling():
+    if compiling() or resolve(OP, x.device, backend) == "reference":
         return leaky_relu_with_mask_reference(x, slope, bias)
     return _LeakyReLUWithMask.apply(x, bias, slope)
 
@@ -237,6 +227,6 @@ def masked_scale(g, mask, negative_slope: float, *, backend: str | None = None):
     _check_mask(g, mask)
     slope = _check_slope(negative_slope)
     _check_backend_type(backend)
-    if resolve(OP, g.device, backend) == "reference" or torch.compiler.is_compiling():
+    if compiling() or resolve(OP, g.device, backend) == "reference":
         return masked_scale_reference(g, mask, slope)
     return _MaskedScale.apply(g, mask, slope)

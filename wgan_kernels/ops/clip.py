@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .._backend import extension, resolve
+from .._backend import extension, resolve_tensors
 from .._checks import (SELF_OVERLAPPING, as_list, check_backend, check_float_dtype, check_not_inference,
                        check_tensors, finite_number, has_internal_overlap, overlapping_pair)
 
@@ -97,12 +97,6 @@ def _check_rmsprop_items(params, grads, square_avgs, steps) -> None:
         _check_own_elements(s, f"square_avgs[{i}]")
 
 
-def _needs_reference(tensors: list[torch.Tensor]) -> bool:
-    # The extension may lack its CUDA half (built with WGAN_KERNELS_SKIP_CUDA=1).
-    ext = extension()
-    return ext is not None and not ext.has_cuda and any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
-
-
 # ----------------------------------------------------------------------------- clip_
 
 
@@ -134,9 +128,7 @@ def clip_(params, clip_value: float = 0.01, *, backend: str | None = None) -> No
     if not tensors:
         check_backend("clip_", backend)
         return
-    first = tensors[0]
-    device = ("cpu" if first.is_cpu else first.device) if isinstance(first, torch.Tensor) else "cpu"
-    if resolve("clip_", device, backend) == "cpp" and not _needs_reference(tensors):
+    if resolve_tensors("clip_", tensors, backend) == "cpp":
         extension().clip_(tensors, c)  # checks items, dtypes and graphs in C++, same messages
         return
     check_tensors(tensors, "params")
@@ -274,7 +266,7 @@ class ClippedRMSprop(torch.optim.Optimizer):
             _check_group(group)
             hyper = dict(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                          weight_decay=group["weight_decay"], clip_value=group["clip_value"])
-            if resolve("rmsprop_clip_", params[0].device, self.backend) == "cpp" and not _needs_reference(params):
+            if resolve_tensors("rmsprop_clip_", params, self.backend) == "cpp":
                 extension().rmsprop_clip_(params, grads, square_avgs, steps, **hyper)
             else:
                 _check_rmsprop_items(params, grads, square_avgs, steps)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import BACKENDS, extension, resolve
+from .._backend import BACKENDS, compiling, extension, resolve
 from .._checks import FLOAT32_MAX, acc_dtype, check_float_dtype, finite_real
 from .._triton import next_power_of_2, tl, triton
 
@@ -231,7 +231,7 @@ def _penalty_grad_kernel(grads, norms, grad_penalty, spec):
     rows = grads.shape[0]
     g2 = grads.reshape(rows, -1).contiguous()
     if backend == "cpp":
-        if torch.compiler.is_compiling():
+        if compiling():
             out = _penalty_backward_cpu(g2, norms, grad_penalty.detach(), weight, center, p, one_sided, EPS)
         else:
             out = extension().penalty_backward(g2, norms, float(grad_penalty), weight, center, p, one_sided, EPS)
@@ -250,7 +250,7 @@ class _GradNormPenalty(torch.autograd.Function):
         if backend == "cpp":
             # the custom op when compiling (traceable); the extension directly in eager mode
             # (the custom op's Python dispatch costs ~0.1 ms a call, more than the kernel on small inputs)
-            forward = _penalty_forward_cpu if torch.compiler.is_compiling() else extension().penalty_forward
+            forward = _penalty_forward_cpu if compiling() else extension().penalty_forward
             penalty, norms = forward(g2, weight, center, p, one_sided, EPS)
         else:  # triton
             phi, norms = _triton_forward(g2, center, p, one_sided)
@@ -263,7 +263,7 @@ class _GradNormPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_penalty, _grad_norms):
         grads, norms = ctx.saved_tensors
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # create_graph: a differentiable node
+        if torch.is_grad_enabled() or compiling():  # create_graph: a differentiable node
             d_grads = _GradNormPenaltyGrad.apply(grads, norms, grad_penalty, ctx.spec)
         else:  # a first-order backward (the explicit path): the kernel alone, no node to build
             d_grads = _penalty_grad_kernel(grads, norms, grad_penalty, ctx.spec)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._backend import extension, resolve
+from .._backend import compiling, extension, resolve
 from .._checks import (SELF_OVERLAPPING, acc_dtype, check_backend, check_float_dtype, check_not_inference, finite_number,
                        has_internal_overlap, overlapping_pair, positive_int, tensor_list)
 from .._triton import next_power_of_2, tl, triton
@@ -43,15 +43,15 @@ __all__ = [
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_iterations(n_power_iterations) -> int:
+def check_iterations(n_power_iterations) -> int:
     return positive_int("n_power_iterations", n_power_iterations)
 
 
-def _check_eps(eps) -> float:
+def check_eps(eps) -> float:
     return finite_number("eps", eps, low=0, low_inclusive=False)
 
 
-def _check_eps_fits(eps: float, dtype: torch.dtype, weight: str) -> None:
+def check_eps_fits(eps: float, dtype: torch.dtype, weight: str) -> None:
     """The reference (torch's ``F.normalize``) clamps norms to eps in the weight's dtype and
     refuses an eps beyond that dtype's range (1e5 for float16); so do the kernels."""
     if eps > 65504.0 and dtype.is_floating_point and eps > torch.finfo(dtype).max:
@@ -60,8 +60,8 @@ def _check_eps_fits(eps: float, dtype: torch.dtype, weight: str) -> None:
 
 
 def _check_inputs(weights, us, vs, n_power_iterations, eps):
-    n = _check_iterations(n_power_iterations)
-    eps = _check_eps(eps)
+    n = check_iterations(n_power_iterations)
+    eps = check_eps(eps)
     weights, us, vs = tensor_list(weights, "weights"), tensor_list(us, "us"), tensor_list(vs, "vs")
     if not (len(us) == len(weights) == len(vs)):
         raise ValueError(f"us, vs: expected one u and one v per weight, got {len(weights)} weights, {len(us)} us, "
@@ -71,7 +71,7 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
             raise ValueError(f"weights[{i}]: expected a 2-D matrix, got shape {tuple(w.shape)} (flatten conv weights "
                              "first; 1-D weights are not supported)")
         check_float_dtype(w, f"weights[{i}]")
-        _check_eps_fits(eps, w.dtype, f"weights[{i}]")
+        check_eps_fits(eps, w.dtype, f"weights[{i}]")
         for name, t, length in (("us", u, w.shape[0]), ("vs", v, w.shape[1])):
             if t.shape != (length,) or t.dtype != w.dtype or t.device != w.device:
                 raise ValueError(f"{name}[{i}]: expected a 1-D tensor of {length} values, dtype {w.dtype}, device "
@@ -83,7 +83,7 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
             check_not_inference(t, f"{name}[{i}]")
             if has_internal_overlap(t):
                 raise ValueError(f"{name}[{i}]: {SELF_OVERLAPPING}")
-    if not torch.compiler.is_compiling():  # addresses of traced tensors mean nothing
+    if not compiling():  # addresses of traced tensors mean nothing
         _check_no_aliasing(weights, us, vs)
     return weights, us, vs, n, eps
 
@@ -107,8 +107,9 @@ def _check_no_aliasing(weights, us, vs) -> None:
 # ----------------------------------------------------------------------------- reference
 
 
-def _sigma(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``u . (W v)``, differentiable w.r.t. W only (u, v cloned as torch does, so later in-place
+def sigma_at(w: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``u . (W v)`` for the current u, v (the sigma of a frozen / eval-mode spectral norm, and
+    of the reference), differentiable w.r.t. W only (u, v cloned as torch does, so later in-place
     updates of the buffers do not disturb this graph)."""
     u = u.clone(memory_format=torch.contiguous_format)
     v = v.clone(memory_format=torch.contiguous_format)
@@ -124,7 +125,7 @@ def power_iteration_reference_(weights, us, vs, n_power_iterations: int = 1, eps
             for _ in range(n_power_iterations):
                 u.copy_(F.normalize(torch.mv(w, v), dim=0, eps=eps))
                 v.copy_(F.normalize(torch.mv(w.mT, u), dim=0, eps=eps))
-    return [_sigma(w, u, v) for w, u, v in zip(weights, us, vs)]
+    return [sigma_at(w, u, v) for w, u, v in zip(weights, us, vs)]
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -328,7 +329,7 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
         else:
             detached = [w.detach() for w in ws]
             with torch.no_grad():
-                if torch.compiler.is_compiling():
+                if compiling():
                     outs = _power_iteration_op(detached, u_list, v_list, n, eps, name)
                     raw, new = outs[0], outs[1:]
                     for t, fresh in zip(u_list + v_list, new):
@@ -339,7 +340,7 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
                     for t in u_list + v_list:
                         torch.autograd.graph.increment_version(t)
                     updated = u_list + v_list
-            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)
+            if compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)
                                                  and not torch.is_inference_mode_enabled()):
                 # one node for the group; u, v snapshotted in one copy (later in-place updates of
                 # the buffers must not disturb this graph). Under inference mode autograd records
@@ -362,7 +363,7 @@ def initial_vectors(mat: torch.Tensor, eps: float, extra: int = 0) -> tuple[torc
     iterations of the check forward that ``register_parametrization`` runs (``n_power_iterations``
     when the layer is in training mode), for layers that are not registered as parametrizations.
     An eps beyond the weight dtype's range is refused (ValueError naming ``eps``)."""
-    _check_eps_fits(eps, mat.dtype, "the weight")
+    check_eps_fits(eps, mat.dtype, "the weight")
     mat = mat.detach()
     u = F.normalize(mat.new_empty(mat.shape[0]).normal_(0, 1), dim=0, eps=eps)
     v = F.normalize(mat.new_empty(mat.shape[1]).normal_(0, 1), dim=0, eps=eps)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,7 +19,7 @@ def _plt():
 
 @torch.no_grad()
 def save_pictures(trainer, out: Path) -> None:
-    plt = _plt()
+    plt = pyplot()
     device = trainer.device
     trainer.G.eval()
     fake = trainer.G(trainer.eval_z.to(device)).cpu()

@@ -80,9 +80,9 @@ def write_report(cfg: SweepConfig, rows: list[dict], out: Path, grid: list[dict]
 
 
 def picture(cfg: SweepConfig, summary: list[dict], metric: str, out: Path, floor: float) -> None:
-    from ..plots import _plt
+    from ..plots import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     if cfg.grid == "kp":
         ks = sorted({s["k"] for s in summary})
         ps = sorted({s["p"] for s in summary})

@@ -1,0 +1,294 @@
+"""The explicit path of critics written as public GAN code writes them (tests/real_critics.py),
+through their traced graph (wgan_kernels/nn/trace.py), against autograd's double backward."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tol
+from real_critics import CRITICS, by_name
+from torch import nn
+
+import wgan_kernels as wk
+import wgan_kernels.nn as wn
+from wgan_kernels.nn import _chain
+from wgan_kernels.nn.trace import TracedCritic, Unsupported, traced_critic
+
+EXPLICIT = [c.name for c in CRITICS if c.explicit]
+FALLBACK = [c.name for c in CRITICS if not c.explicit]
+# the piecewise-linear ones: the whole graph is one autograd node
+ONE_NODE = {"wgan_gp_toy_mlp", "pytorch_gan_wgan_gp_mlp", "pytorch_gan_wgan_div_bn_eval",
+            "pytorch_gan_dropout2d_train_no_bn", "wgan_gp_mnist_conv", "sngan_resnet32", "sngan_cnn_parametrized_sn",
+            "video_conv3d", "dilated_grouped_same_padding", "progan_equalized_lr"}
+
+
+def build(name, dtype, batch=4, seed=0):
+    rc = by_name(name)
+    torch.manual_seed(seed)
+    module = rc.build().to(dtype)
+    args, kwargs = rc.inputs(batch, dtype)
+    return rc, module, args[0], args[1:], kwargs
+
+
+def select(out, rc):
+    return out if rc.output_key is None else out[rc.output_key]
+
+
+def double_backward(module, rc, x, extra, kwargs):
+    xr = x.detach().requires_grad_(True)
+    out = select(module(xr, *extra, **kwargs), rc)
+    (grad_x,) = torch.autograd.grad(out.sum(), xr, create_graph=True)
+    return out, grad_x
+
+
+def loss_of(out, grad_x):
+    """A WGAN-div-like loss on (out, grad_x): both chains reach every parameter (in float32 for
+    16-bit values)."""
+    if out.dtype in (torch.float16, torch.bfloat16):
+        out, grad_x = out.float(), grad_x.float()
+    norms = grad_x.flatten(1).norm(dim=1)
+    return out.mean() + 2.0 * norms.pow(6).mean()
+
+
+def compare(name, dtype, batch=4):
+    """(out, grad_x) and every parameter gradient of ``loss_of`` on the explicit path against
+    autograd's double backward on a copy, from the same random state (dropout masks) and the
+    same buffers (spectral norm's u, v; batch-norm statistics)."""
+    rc, module, x, extra, kwargs = build(name, dtype, batch)
+    reference = copy.deepcopy(module)
+    traced = wn.from_torch(module, output=rc.output_key)
+    state = torch.get_rng_state()
+    out, grad_x = traced.forward_with_input_grad(x, *extra, **kwargs)
+    torch.set_rng_state(state)
+    out_r, grad_x_r = double_backward(reference, rc, x, extra, kwargs)
+    t = tol(dtype)
+    torch.testing.assert_close(out, out_r, **t)
+    torch.testing.assert_close(grad_x, grad_x_r, **t)
+    params = [p for p in module.parameters() if p.requires_grad]
+    params_r = [p for p in reference.parameters() if p.requires_grad]
+    got = torch.autograd.grad(loss_of(out, grad_x), params, allow_unused=True)
+    want = torch.autograd.grad(loss_of(out_r, grad_x_r), params_r, allow_unused=True)
+    for (pname, _), g, w in zip(module.named_parameters(), got, want):
+        if w is None:
+            assert g is None or g.abs().max() == 0, pname
+            continue
+        assert g is not None, f"{name}: no gradient for {pname}"
+        scale = w.abs().max().clamp_min(1)
+        torch.testing.assert_close(g / scale, w / scale, **t, msg=f"{name}: gradient of {pname}")
+    for b, b_r in zip(module.buffers(), reference.buffers()):  # u, v advanced alike; statistics alike
+        torch.testing.assert_close(b, b_r, **t)
+    return traced, out, x
+
+
+@pytest.mark.parametrize("name", EXPLICIT)
+def test_matches_double_backward_float64(name):
+    traced, out, x = compare(name, torch.float64)
+    one_node = type(out.grad_fn).__name__ == "_PiecewiseLinearChainBackward"
+    assert one_node == (name in ONE_NODE), f"{name}: expected the {'one-node' if name in ONE_NODE else 'layer'} path"
+
+
+@pytest.mark.parametrize("name", EXPLICIT)
+def test_matches_double_backward_float32(name):
+    compare(name, torch.float32, batch=5 if name != "progan_minibatch_stddev" else 4)
+
+
+@pytest.mark.parametrize("name", ["wgan_gp_toy_mlp", "wgan_gp_mnist_conv", "sngan_resnet32", "dcgan_layernorm",
+                                  "mlp_unflatten_mixed_activations"])
+def test_bfloat16(name):
+    rc, module, x, extra, kwargs = build(name, torch.bfloat16)
+    reference = copy.deepcopy(module)
+    out, grad_x = wn.from_torch(module, output=rc.output_key).forward_with_input_grad(x, *extra, **kwargs)
+    out_r, grad_x_r = double_backward(reference, rc, x, extra, kwargs)  # autograd, in bfloat16 too
+    assert out.dtype == grad_x.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_r)  # the same forward ops
+    scale = grad_x_r.float().abs().max()
+    torch.testing.assert_close(grad_x.float() / scale, grad_x_r.float() / scale, atol=2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["wgan_gp_toy_mlp", "mlp_unflatten_mixed_activations", "dcgan_layernorm"])
+def test_gradcheck(name):
+    """float64 gradcheck of the penalty-style loss in x and in one weight, through the chain."""
+    rc, module, x, extra, kwargs = build(name, torch.float64, batch=2)
+    traced = wn.from_torch(module, output=rc.output_key)
+    weight_name, weight = next((n, p) for n, p in module.named_parameters() if p.dim() >= 2)
+
+    class Loss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.traced = traced
+
+        def forward(self, x):
+            return loss_of(*self.traced.forward_with_input_grad(x, *extra, **kwargs))
+
+    wrapper = Loss()
+
+    def f(w, xx):
+        return torch.func.functional_call(wrapper, {f"traced.{weight_name}": w}, (xx,))
+
+    assert torch.autograd.gradcheck(f, (weight.detach().clone().requires_grad_(True),
+                                        x.detach().clone().requires_grad_(True)), atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("name", FALLBACK)
+def test_fallback_names_its_reason_once(name):
+    rc, module, x, extra, kwargs = build(name, torch.float32, batch=8)
+    reference = copy.deepcopy(module)
+    real, fake = x[:4], x[4:]
+    if rc.reason == "control flow":
+        with pytest.raises(ValueError, match="control flow"):
+            wn.from_torch(module)
+    torch.manual_seed(5)  # (dropout masks)
+    with pytest.warns(UserWarning, match=f"(?i){rc.reason}") as caught:
+        loss, _ = wk.critic_loss(module, real, fake, penalty="gp", generator=torch.Generator().manual_seed(1))
+    assert len([w for w in caught if "wgan_kernels" in str(w.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wk.critic_loss(module, real, fake, penalty="gp", generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    expected, _ = wk.critic_loss(lambda v: reference(v), real, fake, penalty="gp",
+                                 generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_critic_loss_takes_the_traced_path_on_a_torch_module():
+    rc, module, x, _, _ = build("sngan_resnet32", torch.float32, batch=8)
+    reference = copy.deepcopy(module)
+    real, fake = x[:4], x[4:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss, stats = wk.critic_loss(module, real, fake, penalty="div")
+    assert type(traced_critic(module)) is TracedCritic
+    loss_r, stats_r = wk.critic_loss(lambda v: reference(v), real, fake, penalty="div")
+    torch.testing.assert_close(loss, loss_r, **tol(torch.float32))
+    torch.testing.assert_close(stats["grad_norm"], stats_r["grad_norm"], **tol(torch.float32))
+    loss.backward()
+    loss_r.backward()
+    for p, q in zip(module.parameters(), reference.parameters()):
+        scale = q.grad.abs().max().clamp_min(1e-3)
+        torch.testing.assert_close(p.grad / scale, q.grad / scale, rtol=0, atol=1e-3)  # (float32 sums)
+
+
+def test_shares_parameters_and_state_dict_keys():
+    rc, module, x, extra, kwargs = build("studiogan_resnet_projection_sn", torch.float32)
+    traced = wn.from_torch(module, output="adv_output")
+    assert list(traced.state_dict()) == list(module.state_dict())
+    assert all(a is b for a, b in zip(traced.parameters(), module.parameters()))
+    traced.eval()
+    assert not module.training and not any(m.training for m in module.modules())
+    torch.testing.assert_close(traced(x, *extra), module(x, *extra)["adv_output"])  # (eval: u, v frozen)
+
+
+def test_dict_output_needs_a_key():
+    rc, module, x, extra, kwargs = build("studiogan_resnet_projection_sn", torch.float32)
+    with pytest.raises(Unsupported, match="output=<key>"):
+        wn.from_torch(module).forward_with_input_grad(x, *extra)
+
+
+def test_mode_switch_rebuilds():
+    """eval-mode BatchNorm is explicit; the same critic in training mode falls back, and back."""
+    rc, module, x, extra, kwargs = build("pytorch_gan_wgan_div_bn_eval", torch.float32)
+    traced = wn.from_torch(module)
+    traced.forward_with_input_grad(x)
+    module.train()
+    with pytest.raises(Unsupported, match="BatchNorm2d in training mode"):
+        traced.forward_with_input_grad(x)
+    module.eval()
+    out, _ = traced.forward_with_input_grad(x)
+    assert type(out.grad_fn).__name__ == "_PiecewiseLinearChainBackward"
+
+
+def test_other_batch_sizes_and_a_non_contiguous_input():
+    rc, module, x, extra, kwargs = build("sngan_resnet32", torch.float64, batch=3)
+    traced = wn.from_torch(module)
+    for batch in (3, 7, 1):
+        xb = torch.randn(batch, 32, 32, 3, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last strides
+        out, grad_x = traced.forward_with_input_grad(xb)
+        out_r, grad_x_r = double_backward(module, rc, xb, (), {})
+        torch.testing.assert_close(grad_x, grad_x_r)
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def test_a_python_side_effect_falls_back_and_tracing_leaves_no_trace():
+    module = _Counting()
+    with pytest.raises(ValueError, match="assigns _Counting.calls"):
+        wn.from_torch(module)
+    assert module.calls == 0
+    x = torch.randn(6, 3)
+    with pytest.warns(UserWarning, match="side effect"):
+        wk.critic_loss(module, x[:3], x[3:])
+    assert module.calls == 1
+
+
+class _MergesBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = F.relu(self.fc(x)).view(-1)  # (N,) fine
+        return h - h.mean()  # the batch mean: couples the samples
+
+
+class _MixesSamples(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x).view(1, -1).sum(1, keepdim=True).expand(x.shape[0], 1)
+
+
+@pytest.mark.parametrize("module", [_MergesBatch(), _MixesSamples()], ids=["batch-mean", "view-of-the-batch"])
+def test_coupling_the_samples_is_refused(module):
+    with pytest.raises(Unsupported, match="mixes the samples of a minibatch"):
+        wn.from_torch(module).forward_with_input_grad(torch.randn(5, 4))
+
+
+class _Residual(nn.Module):
+    """Values used twice, an in-place activation on a value used again, constant shifts, a
+    scalar multiple and a concatenation: the graph is not a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        skip = h
+        h = F.relu(h, inplace=True)  # eager: skip is relu'd too
+        h = self.b(h) + 0.5 * skip - 1.0
+        h = torch.cat([h, 2 - h], dim=1)
+        return self.c(F.leaky_relu(h, 0.2)) - 3
+
+
+def test_inplace_aliasing_and_constants():
+    module = _Residual().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out, grad_x = wn.from_torch(module).forward_with_input_grad(x)
+    rc = by_name("wgan_gp_toy_mlp")
+    out_r, grad_x_r = double_backward(module, rc, x, (), {})
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(grad_x, grad_x_r)
+    assert type(out.grad_fn).__name__ == "_PiecewiseLinearChainBackward"
+
+
+def test_one_node_program_is_planned_for_piecewise_linear_graphs():
+    rc, module, x, extra, kwargs = build("sngan_resnet32", torch.float32)
+    traced = wn.from_torch(module)
+    program = traced.program(x, (), {})
+    from wgan_kernels.nn.trace import _bind
+
+    _bind(module, traced._graph, program, x, (), {})
+    assert _chain.plan_root(program.graph_op, x) is not None
