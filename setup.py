@@ -51,8 +51,11 @@ def _extensions():
         print("wgan_kernels setup: torch not importable, building no extension", file=sys.stderr)
         return [], {}
 
-    cpu_sources = ["csrc/bindings.cpp"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cpu").glob("*.cpp"))
-    cuda_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc/cuda").glob("*.cu"))
+    def sources(folder, pattern):
+        return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / folder).glob(pattern))
+
+    cpu_sources = sources("bindings", "*.cpp") + sources("cpu", "*.cpp")
+    cuda_sources = sources("cuda", "*.cu")
 
     nvcc = None
     if cpp_extension.CUDA_HOME is not None:

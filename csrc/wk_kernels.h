@@ -1,6 +1,6 @@
-// Plain C++ interface between the bindings (csrc/bindings.cpp, which sees torch) and the
-// kernels (csrc/cpu/*.cpp, csrc/cuda/*.cu, which see only raw pointers). Keeping torch headers
-// out of the .cu files is what keeps nvcc fast.
+// Plain C++ interface between the bindings (csrc/bindings/, which see torch) and the kernels
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu, which see only raw pointers). Keeping torch headers out of the
+// .cu files is what keeps nvcc fast. The type rules they share are in wk_traits.h.
 #pragma once
 #include <cstdint>
 
@@ -61,8 +61,9 @@ void power_iteration(const Matrix* mats, int n, DType dtype, int iterations, dou
 }  // namespace cpu
 
 namespace cuda {
-// Same contracts on device pointers; launched on `stream` (a cudaStream_t).
-// Return a cudaError_t value (0 on success).
+// Same contracts on device pointers, except that rmsprop_clip_multi follows torch.optim.RMSprop's
+// CUDA path (its foreach ops' roundings and fused multiply-adds); launched on `stream` (a
+// cudaStream_t). Return a cudaError_t value (0 on success).
 int clip_multi(const Span* spans, int n, DType dtype, double c, void* stream);
 int rmsprop_clip_multi(const Span* params, const Span* grads, const Span* square_avgs, int n,
                        DType dtype, const RMSpropParams& hp, void* stream);

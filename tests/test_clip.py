@@ -219,6 +219,36 @@ def test_clipped_rmsprop_low_precision(device, dtype, gen):
         assert err_ours <= 2 * err_torch + atol, (dtype, err_ours, err_torch)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_clipped_rmsprop_cuda_is_torchs_foreach(dtype, weight_decay):
+    """On CUDA the kernel rounds each intermediate to the dtype where torch's default (foreach)
+    RMSprop stores one, with the same fused multiply-adds: square_avg and parameters bit for bit,
+    on the kernel's vector path (aligned, with a tail) and its scalar path (a misaligned view)."""
+    if extension() is None or not extension().has_cuda:
+        pytest.skip("extension built without CUDA")
+    gen = torch.Generator().manual_seed(1)
+    ours = [torch.nn.Parameter((torch.randn(n, generator=gen) * 0.05).to("cuda", dtype)) for n in (5000, 4097, 3, 1)]
+    # a view one element into its allocation: misaligned, so the kernel's scalar path
+    ours.append(torch.nn.Parameter((torch.randn(302, generator=gen) * 0.05).to("cuda", dtype)[1:]))
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    hp = dict(lr=1e-2, alpha=0.9, eps=1e-6, weight_decay=weight_decay)
+    opt_ours = wk.ClippedRMSprop(ours, clip_value=None, backend="cpp", **hp)
+    opt_theirs = torch.optim.RMSprop(theirs, foreach=True, **hp)
+    for _ in range(3):  # a square_avg that is not 0
+        for p, q in zip(ours, theirs):
+            p.grad = (torch.randn(p.shape, generator=gen) * 3).to("cuda", dtype)
+            q.grad = p.grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    for i, (p, q) in enumerate(zip(ours, theirs)):
+        msg = lambda m: f"ClippedRMSprop cuda {dtype} param {i}: {m}"  # noqa: E731
+        torch.testing.assert_close(opt_ours.state[p]["square_avg"], opt_theirs.state[q]["square_avg"], rtol=0,
+                                   atol=0, msg=msg)
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=msg)
+
+
 def test_clipped_rmsprop_skips_params_without_grad(device, gen):
     params = make_params(device, torch.float32, gen)
     before = [p.detach().clone() for p in params]

@@ -104,8 +104,8 @@ def finite_real(name: str, value, *, low: float | None = None, low_inclusive: bo
 
 
 # ----------------------------------------------------------------------------- in-place ops
-# The messages below are also written, word for word, by the extension's checks (csrc/bindings.cpp),
-# so an op refuses an argument with the same words whichever backend runs it.
+# The messages below are also written, word for word, by the extension's checks
+# (csrc/bindings/common.h), so an op refuses an argument with the same words whichever backend runs it.
 
 INFERENCE_TENSOR = ("an inference tensor (created under torch.inference_mode()) cannot be updated in place outside "
                     "inference mode; clone it first, or call this under torch.inference_mode()")

@@ -8,11 +8,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "../wk_kernels.h"
+#include "../wk_traits.h"
 
 namespace wk {
 namespace cpu {
@@ -51,24 +51,14 @@ void for_each_piece(const Span* spans, int n, int64_t align, const F& f) {
   });
 }
 
-// Arithmetic type for storage type T: float for the 16-bit types, as torch does.
-template <typename T> struct OpMath { using type = T; };
-template <> struct OpMath<c10::Half> { using type = float; };
-template <> struct OpMath<c10::BFloat16> { using type = float; };
-
 // A clip bound in the storage type T, rounded as torch converts a double scalar (through float for
-// the 16-bit types): +-inf beyond T's range, i.e. no clipping (float16 with c = 1e5). A static_cast
-// of a double beyond float's range is undefined behaviour; IEEE rounding sends it to inf from
-// FLT_MAX + half an ulp (2^128 - 2^103) on, so that is written out.
+// the 16-bit types): +-inf beyond T's range, i.e. no clipping (float16 with c = 1e5).
 template <typename T>
 T bound_in(double c) {
   if constexpr (std::is_same_v<T, double>) {
     return c;
   } else {
-    constexpr double kFloatOverflow = 0x1.ffffffp+127;
-    const float f = std::fabs(c) >= kFloatOverflow ? std::copysign(std::numeric_limits<float>::infinity(), c)
-                                                   : static_cast<float>(c);
-    return static_cast<T>(f);
+    return static_cast<T>(float_of(c));
   }
 }
 
@@ -88,7 +78,7 @@ void clip_piece(T* __restrict__ p, int64_t n, const Op lo, const Op hi) {
 
 template <typename T>
 void clip_typed(const Span* spans, int n, double c) {
-  using Op = typename OpMath<T>::type;
+  using Op = acc_t<T>;
   // Bounds rounded to the storage type first, so results equal a clamp done in T.
   const Op hi = static_cast<Op>(bound_in<T>(c));
   const Op lo = static_cast<Op>(bound_in<T>(-c));
@@ -145,7 +135,7 @@ void rmsprop_piece(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s
 
 template <typename T, bool kClip, bool kDecay>
 void rmsprop_typed(const Span* params, const Span* grads, const Span* sqs, int n, const RMSpropParams& hp) {
-  using Op = typename OpMath<T>::type;
+  using Op = acc_t<T>;
   const Op lr = static_cast<Op>(hp.lr), alpha = static_cast<Op>(hp.alpha);
   const Op one_minus_alpha = static_cast<Op>(1.0 - hp.alpha), eps = static_cast<Op>(hp.eps);
   const Op wd = static_cast<Op>(hp.weight_decay);
@@ -170,22 +160,18 @@ void rmsprop_dispatch(const Span* params, const Span* grads, const Span* sqs, in
 }  // namespace
 
 void clip_multi(const Span* spans, int n, DType dtype, double c) {
-  switch (dtype) {
-    case DType::Float32: return clip_typed<float>(spans, n, c);
-    case DType::Float64: return clip_typed<double>(spans, n, c);
-    case DType::Float16: return clip_typed<c10::Half>(spans, n, c);
-    case DType::BFloat16: return clip_typed<c10::BFloat16>(spans, n, c);
-  }
+  dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    clip_typed<T>(spans, n, c);
+  });
 }
 
 void rmsprop_clip_multi(const Span* params, const Span* grads, const Span* square_avgs, int n, DType dtype,
                         const RMSpropParams& hp) {
-  switch (dtype) {
-    case DType::Float32: return rmsprop_dispatch<float>(params, grads, square_avgs, n, hp);
-    case DType::Float64: return rmsprop_dispatch<double>(params, grads, square_avgs, n, hp);
-    case DType::Float16: return rmsprop_dispatch<c10::Half>(params, grads, square_avgs, n, hp);
-    case DType::BFloat16: return rmsprop_dispatch<c10::BFloat16>(params, grads, square_avgs, n, hp);
-  }
+  dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    rmsprop_dispatch<T>(params, grads, square_avgs, n, hp);
+  });
 }
 
 }  // namespace cpu

@@ -9,13 +9,11 @@
 #include <cmath>
 
 #include "../wk_kernels.h"
+#include "../wk_traits.h"
 
 namespace wk {
 namespace cpu {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 double phi(double n, const PenaltySpec& s) {
   double d = n - s.center;
@@ -35,8 +33,8 @@ double scale_of(double n, const PenaltySpec& s) {
 }
 
 template <typename T>
-double forward_typed(const T* g, int64_t rows, int64_t cols, const PenaltySpec& spec, typename Acc<T>::type* norms) {
-  using A = typename Acc<T>::type;
+double forward_typed(const T* g, int64_t rows, int64_t cols, const PenaltySpec& spec, acc_t<T>* norms) {
+  using A = acc_t<T>;
   // Rows in parallel; a row is summed in 8 lanes so the compiler vectorises the reduction.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -65,8 +63,8 @@ double forward_typed(const T* g, int64_t rows, int64_t cols, const PenaltySpec& 
 
 template <typename T>
 void backward_typed(const T* g, int64_t rows, int64_t cols, const PenaltySpec& spec,
-                    const typename Acc<T>::type* norms, double scale, T* out) {
-  using A = typename Acc<T>::type;
+                    const acc_t<T>* norms, double scale, T* out) {
+  using A = acc_t<T>;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -81,34 +79,19 @@ void backward_typed(const T* g, int64_t rows, int64_t cols, const PenaltySpec& s
 }  // namespace
 
 double penalty_forward(const void* g, int64_t rows, int64_t cols, DType dtype, const PenaltySpec& spec, void* norms) {
-  switch (dtype) {
-    case DType::Float32: return forward_typed(static_cast<const float*>(g), rows, cols, spec, static_cast<float*>(norms));
-    case DType::Float64:
-      return forward_typed(static_cast<const double*>(g), rows, cols, spec, static_cast<double*>(norms));
-    case DType::Float16:
-      return forward_typed(static_cast<const c10::Half*>(g), rows, cols, spec, static_cast<float*>(norms));
-    case DType::BFloat16:
-      return forward_typed(static_cast<const c10::BFloat16*>(g), rows, cols, spec, static_cast<float*>(norms));
-  }
-  return 0;
+  return dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return forward_typed(static_cast<const T*>(g), rows, cols, spec, static_cast<acc_t<T>*>(norms));
+  });
 }
 
 void penalty_backward(const void* g, int64_t rows, int64_t cols, DType dtype, const PenaltySpec& spec,
                       const void* norms, double scale, void* grad_in) {
-  switch (dtype) {
-    case DType::Float32:
-      return backward_typed(static_cast<const float*>(g), rows, cols, spec, static_cast<const float*>(norms), scale,
-                            static_cast<float*>(grad_in));
-    case DType::Float64:
-      return backward_typed(static_cast<const double*>(g), rows, cols, spec, static_cast<const double*>(norms), scale,
-                            static_cast<double*>(grad_in));
-    case DType::Float16:
-      return backward_typed(static_cast<const c10::Half*>(g), rows, cols, spec, static_cast<const float*>(norms),
-                            scale, static_cast<c10::Half*>(grad_in));
-    case DType::BFloat16:
-      return backward_typed(static_cast<const c10::BFloat16*>(g), rows, cols, spec, static_cast<const float*>(norms),
-                            scale, static_cast<c10::BFloat16*>(grad_in));
-  }
+  dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    backward_typed(static_cast<const T*>(g), rows, cols, spec, static_cast<const acc_t<T>*>(norms), scale,
+                   static_cast<T*>(grad_in));
+  });
 }
 
 }  // namespace cpu

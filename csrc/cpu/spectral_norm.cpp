@@ -11,13 +11,11 @@
 #include <vector>
 
 #include "../wk_kernels.h"
+#include "../wk_traits.h"
 
 namespace wk {
 namespace cpu {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
 
 constexpr int64_t kTaskValues = int64_t(1) << 16;
 
@@ -114,7 +112,7 @@ struct Task {
 
 template <typename T>
 void power_iteration_typed(const Matrix* mats, int n, int iterations, double eps, double* sigmas) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const A e = static_cast<A>(eps);
   std::vector<std::vector<A>> v(n), t(n), s(n);
   std::vector<Task> tasks;
@@ -181,12 +179,10 @@ void power_iteration_typed(const Matrix* mats, int n, int iterations, double eps
 }  // namespace
 
 void power_iteration(const Matrix* mats, int n, DType dtype, int iterations, double eps, double* sigmas) {
-  switch (dtype) {
-    case DType::Float32: return power_iteration_typed<float>(mats, n, iterations, eps, sigmas);
-    case DType::Float64: return power_iteration_typed<double>(mats, n, iterations, eps, sigmas);
-    case DType::Float16: return power_iteration_typed<c10::Half>(mats, n, iterations, eps, sigmas);
-    case DType::BFloat16: return power_iteration_typed<c10::BFloat16>(mats, n, iterations, eps, sigmas);
-  }
+  dispatch_dtype<c10::Half, c10::BFloat16>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    power_iteration_typed<T>(mats, n, iterations, eps, sigmas);
+  });
 }
 
 }  // namespace cpu

@@ -46,8 +46,8 @@ def _clip_bound(clip_value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(clip_value, dtype=torch.float64).to(dtype))
 
 
-# The checks the extension does in C++ (csrc/bindings.cpp: check_writable, kernel_dtype, ...), in
-# the same order and words, for the paths that do not go through it.
+# The checks the extension does in C++ (csrc/bindings/: check_writable, kernel_dtype, ...), in the
+# same order and words, for the paths that do not go through it.
 
 
 def _check_writable(t: torch.Tensor, name: str) -> None:
