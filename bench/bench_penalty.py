@@ -2,14 +2,19 @@
 
 Impls per (loss, model):
   eager             the double-backward code users write (wgan_kernels.eager: autograd.grad(create_graph=True))
-  wgan_kernels      critic_loss(): one shared forward (div), fused penalty, double backward
+  wgan_kernels      critic_loss() on the critic given as a function (so autograd's double backward):
+                    one shared forward (div), fused penalty
   explicit          critic_loss() on the wgan_kernels.nn version of the critic: explicit input
                     gradient, a first-order backward only
   explicit+compile  the same step under torch.compile
-  plain             a plain forward + backward of the critic on the same 2B samples; the floor
-                    of a penalty step is 2x this
-The MLP and DCGAN-64 cases are also timed round-robin over all impls (test_critic_step_interleaved); their
-rows use those medians.
+  traced            critic_loss() on a custom-module critic as users write it (the "-custom" cases:
+                    wgan_kernels.models.DCGAN64Critic / ResNet32Critic, the same layers): the
+                    explicit path through its traced graph
+  plain             a plain forward + backward of the critic on the same 2B samples; the floors
+                    of a penalty step are 2x this (double backward's 6 products per layer against
+                    a plain step's 3) and 4/3 x this (the explicit path's 4)
+The MLP, DCGAN-64 and custom-module cases are also timed round-robin over all impls
+(test_critic_step_interleaved); their rows use those medians.
 Each impl also records the peak memory of one step (CPU: torch.profiler's allocation timeline;
 CUDA: max_memory_allocated).
 """
@@ -20,7 +25,7 @@ from conftest import DEVICE, QUICK, interleaved, record
 
 import wgan_kernels as wk
 from wgan_kernels.eager import critic_loss_eager
-from wgan_kernels.models import dcgan64_critic, mlp_critic, resnet32_critic
+from wgan_kernels.models import DCGAN64Critic, ResNet32Critic, dcgan64_critic, mlp_critic, resnet32_critic
 
 try:
     from wgan_kernels.nn import from_torch
@@ -32,7 +37,10 @@ MODELS = {
     "mlp128-b64": (lambda: mlp_critic(128), (64, 2)),
     "dcgan64-b64": (dcgan64_critic, (64, 3, 64, 64)),
     "resnet32-b64": (resnet32_critic, (64, 3, 32, 32)),
+    "dcgan64-custom-b64": (DCGAN64Critic, (64, 3, 64, 64)),
+    "resnet32-custom-b64": (ResNet32Critic, (64, 3, 32, 32)),
 }
+CUSTOM_IMPLS = ["eager", "traced", "plain"]  # the impls of the custom-module cases
 if QUICK:
     MODELS = {k: v for k, v in MODELS.items() if k.startswith("mlp")}
 IMPLS = ["eager", "wgan_kernels", "explicit", "explicit+compile", "plain"]
@@ -44,9 +52,9 @@ def eager_step(critic, real, fake, loss):
     total.backward()
 
 
-def ours_step(critic, real, fake, loss):
+def ours_step(critic, real, fake, loss, as_function=False):
     critic.zero_grad(set_to_none=True)
-    total, _ = wk.critic_loss(critic, real, fake, penalty=loss)
+    total, _ = wk.critic_loss((lambda x: critic(x)) if as_function else critic, real, fake, penalty=loss)
     total.backward()
 
 
@@ -90,6 +98,9 @@ def build(loss, model, impl):
             eager_step(critic, real, fake, loss)
     elif impl == "wgan_kernels":
         def fn():
+            ours_step(critic, real, fake, loss, as_function=True)
+    elif impl == "traced":
+        def fn():
             ours_step(critic, real, fake, loss)
     elif impl == "plain":
         def fn():
@@ -110,10 +121,16 @@ def build(loss, model, impl):
     return fn, critic, real
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+def impls(model):
+    return CUSTOM_IMPLS if "custom" in model else IMPLS
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["traced"])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("loss", ["div", "gp"])
 def test_critic_step(benchmark, loss, model, impl):
+    if impl not in impls(model):
+        pytest.skip(f"{impl} is not an impl of {model}")
     fn, critic, real = build(loss, model, impl)
     record(benchmark, suite=f"critic-step-{loss}", case=model, impl=impl, fn=fn,
            numel=real.numel(), tensors=sum(1 for _ in critic.parameters()), bytes=0, peak_bytes=peak_bytes(fn))
@@ -123,13 +140,14 @@ def test_critic_step(benchmark, loss, model, impl):
 # one after the other (a full run once measured the DCGAN-64 eager step 2.3x faster than the run
 # before), so they are also timed round-robin.
 INTERLEAVED_ROUNDS = {"mlp512-b256": 20 if QUICK else 100, "mlp128-b64": 100 if QUICK else 400,
-                      "dcgan64-b64": 8}  # the DCGAN steps take seconds: fewer rounds
+                      "dcgan64-b64": 8,  # the DCGAN and ResNet steps take seconds: fewer rounds
+                      "dcgan64-custom-b64": 8, "resnet32-custom-b64": 6}
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m in INTERLEAVED_ROUNDS])
 @pytest.mark.parametrize("loss", ["div", "gp"])
 def test_critic_step_interleaved(benchmark, loss, model):
-    built = {impl: build(loss, model, impl) for impl in IMPLS}
+    built = {impl: build(loss, model, impl) for impl in impls(model)}
     _, critic, real = built["eager"]
     interleaved(benchmark, suite=f"critic-step-{loss}", case=model, fns={k: v[0] for k, v in built.items()},
                 rounds=INTERLEAVED_ROUNDS[model], numel=real.numel(), tensors=sum(1 for _ in critic.parameters()),

@@ -108,3 +108,66 @@ def resnet32_critic(channels: int = 128) -> nn.Sequential:
         _res_block(channels, channels, downsample=False),
         wn.ReLU(), wn.AvgPool2d(8), wn.Flatten(), wn.Linear(channels, 1),
     )
+
+
+# ----------------------------------------------------------------------------- as users write them
+# The same two critics as custom modules, the way public GAN code writes them (a ``forward`` with
+# ``view``, functional activations, residual ``+``, a spatial sum): what critic_loss meets in a
+# user's code, on the explicit path through the traced graph (wgan_kernels/nn/trace.py).
+
+
+class DCGAN64Critic(nn.Module):
+    """``dcgan64_critic()`` as a custom module: the same layers and parameter shapes, LeakyReLU
+    called functionally, the score read with ``view``."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        chans = [3, width, 2 * width, 4 * width, 8 * width]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
+        self.out = nn.Conv2d(8 * width, 1, 4, 1, 0)
+
+    def forward(self, img):
+        h = img
+        for conv in self.convs:
+            h = nn.functional.leaky_relu(conv(h), 0.2)
+        return self.out(h).view(img.shape[0], -1)
+
+
+class _ResBlock(nn.Module):
+    """WGAN-GP's CIFAR-10 block written as a module: [relu] conv relu conv [pool] + shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, downsample: bool, first: bool = False):
+        super().__init__()
+        self.first, self.downsample = first, downsample
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1) if downsample else None
+
+    def forward(self, x):
+        F = nn.functional
+        h = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(h)))
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)
+            s = self.shortcut(F.avg_pool2d(x, 2)) if self.first else F.avg_pool2d(self.shortcut(x), 2)
+        else:
+            s = x
+        return h + s
+
+
+class ResNet32Critic(nn.Module):
+    """``resnet32_critic()`` as a custom module: the same parameter shapes, residual ``+``,
+    ``F.relu``, a spatial mean written as ``torch.sum(h, dim=(2, 3)) / 64``."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__()
+        self.blocks = nn.Sequential(
+            _ResBlock(3, channels, True, first=True), _ResBlock(channels, channels, True),
+            _ResBlock(channels, channels, False), _ResBlock(channels, channels, False),
+        )
+        self.fc = nn.Linear(channels, 1)
+
+    def forward(self, x):
+        h = nn.functional.relu(self.blocks(x))
+        h = torch.sum(h, dim=(2, 3)) / 64.0
+        return self.fc(h)

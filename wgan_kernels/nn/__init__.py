@@ -17,7 +17,9 @@ Layout (imports run downward, no cycles; nothing here imports losses, train or e
 gradient, flags), the only place a layer's explicit path is written, and the registry ``OPS``;
 ``_chain.py`` the one-node autograd node and its tape, running a tree of those ops;
 ``layers.py`` the blocks (nn.Modules made from the op classes, plus ``Sequential`` / ``Residual``),
-the layer-by-layer chain; ``spectral.py`` spectral norm's modules (the ``SpectralNorm``
+the layer-by-layer chain; ``graph.py`` ``GraphOp``, a graph of ops (values used twice, adds, concatenations);
+``trace.py`` ``TracedCritic``: any torch critic module's ``torch.fx`` graph as a ``GraphOp``;
+``spectral.py`` spectral norm's modules (the ``SpectralNorm``
 parametrization and ``spectral_norm``, the SN blocks, ``spectral_norm_all``; the op
 ``power_iteration_`` is in ``wgan_kernels/ops/spectral_norm.py``); ``convert.py`` ``from_torch``.
 Adding a layer type is one op class in explicit_ops.py (and its tests): its block
@@ -46,6 +48,7 @@ from .layers import (
     supports_input_grad,
 )
 from .spectral import SN_LAYERS, SNConv2d, SNLinear, SpectralNorm, spectral_norm, spectral_norm_all
+from .trace import TracedCritic, Unsupported
 
 
 def __getattr__(name: str):
@@ -73,6 +76,8 @@ __all__ = [
     "SiLU",
     "Softplus",
     "Tanh",
+    "TracedCritic",
+    "Unsupported",
     "from_torch",
     "spectral_norm",
     "spectral_norm_all",

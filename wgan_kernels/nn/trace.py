@@ -37,6 +37,7 @@ from . import _chain
 from . import explicit_ops as _ops
 from .graph import Add, Apply, Cat, Const, GraphOp, Prod
 from .layers import InputGradModule, check_input
+from .spectral import SN_BLOCKS
 
 
 class Unsupported(ValueError):
@@ -51,19 +52,13 @@ MINIBATCH = "mixes the samples of a minibatch"
 # ----------------------------------------------------------------------------------------------
 
 
-def _sn_blocks():
-    from .spectral import SN_BLOCKS  # noqa: PLC0415 - spectral imports layers; avoid a module-level edge
-
-    return SN_BLOCKS
-
-
 class _Tracer(fx.Tracer):
     """Leaves: every module an op class describes (exactly its torch type, or parametrized on
     top of it), the SN blocks, and what torch.fx keeps as leaves by default (torch.nn modules);
     user modules and containers are traced through."""
 
     def is_leaf_module(self, m, qualname):
-        if type(m) in _ops.OPS or parametrize.is_parametrized(m) or isinstance(m, _sn_blocks()):
+        if type(m) in _ops.OPS or parametrize.is_parametrized(m) or isinstance(m, SN_BLOCKS):
             return True
         if isinstance(m, InputGradModule) and type(m).__dict__.get("op_type") is not None:
             return True
@@ -123,7 +118,7 @@ def _module_op(m: nn.Module, path: str):
         extra = set(m.parametrizations.keys()) - {"weight"}
         if extra:
             raise Unsupported(f"{path}: {base.__name__} has parametrized {sorted(extra)} (only the weight may be)")
-    sn_blocks = _sn_blocks()
+    sn_blocks = SN_BLOCKS
     if isinstance(m, sn_blocks):
         op_type = _ops.LinearOp if isinstance(m, nn.Linear) else _ops.Conv2dOp
     else:
