@@ -292,3 +292,16 @@ def test_one_node_program_is_planned_for_piecewise_linear_graphs():
 
     _bind(module, traced._graph, program, x, (), {})
     assert _chain.plan_root(program.graph_op, x) is not None
+
+
+def test_forward_hooks_anywhere_keep_the_double_backward():
+    """The explicit path does not call the module, so a forward hook on the critic or on a module
+    it traces through would not run: refused, and the program is rebuilt when hooks come or go."""
+    rc, module, x, _, _ = build("sngan_resnet32", torch.float32)
+    traced = wn.from_torch(module)
+    traced.forward_with_input_grad(x)
+    handle = module.block2.register_forward_hook(lambda m, a, o: None)
+    with pytest.raises(Unsupported, match="block2: DBlock has forward hooks"):
+        traced.forward_with_input_grad(x)
+    handle.remove()
+    traced.forward_with_input_grad(x)

@@ -346,10 +346,44 @@ def _mean_difference(out: torch.Tensor, b: int) -> torch.Tensor:
 _lazy_calls: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
+def _wrapped_module(critic, depth: int = 0):
+    """The torch module a critic callable wraps: the module itself, a bound method's object, a
+    ``functools.partial``'s function or arguments, or a closure's cells (``lambda x: D(x, y)``,
+    StudioGAN's ``lambda x: D(x, y)["adv_output"]``); None when none is found."""
+    if isinstance(critic, torch.nn.Module):
+        return critic
+    if depth > 3:
+        return None
+    owner = getattr(critic, "__self__", None)
+    if isinstance(owner, torch.nn.Module):
+        return owner
+    if isinstance(critic, functools.partial):
+        for part in (critic.func, *critic.args, *critic.keywords.values()):
+            found = _wrapped_module(part, depth + 1)
+            if found is not None:
+                return found
+        return None
+    for cell in getattr(critic, "__closure__", None) or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(content, torch.nn.Module) or callable(content):
+            found = _wrapped_module(content, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _lazy_count(critic) -> int:
-    """How many calls with ``critic`` came before this one (``every > 1``); counts this one."""
+    """How many calls with ``critic`` came before this one (``every > 1``, no ``step``); counts
+    this one. A callable that wraps a module (a lambda, a partial, a bound method) counts under
+    that module, so a new wrapper per call does not restart the count."""
     owner, func = getattr(critic, "__self__", None), getattr(critic, "__func__", None)
-    if owner is None or func is None:  # not a bound method
+    wrapped = _wrapped_module(critic)
+    if wrapped is not None:
+        owner, func = wrapped, None
+    elif owner is None or func is None:  # not a bound method
         owner, func = critic, None
     try:
         counts = _lazy_calls.setdefault(owner, {})
@@ -361,17 +395,70 @@ def _lazy_count(critic) -> int:
     return count
 
 
+_BATCH_STATISTICS = (torch.nn.modules.batchnorm._BatchNorm,)
+
+
+def _samples_apart(critic) -> bool:
+    """Whether ``critic(cat(real, fake))`` gives each sample what ``critic(real)`` /
+    ``critic(fake)`` give it: no layer normalising with the batch's statistics (a BatchNorm in
+    training mode, or one without running statistics) in the module the critic is or wraps. A
+    callable that wraps no module found here is taken as per-sample (functions of the samples)."""
+    module = _wrapped_module(critic)
+    if module is None:
+        return True
+    for m in module.modules():
+        if isinstance(m, _BATCH_STATISTICS) and (m.training or not m.track_running_stats):
+            return False
+    return True
+
+
+def _critic_loss_apart(critic, real, fake, cfg, generator, scaler, backend):
+    """critic_loss for a batch-coupled critic: D(real) and D(fake) separately, as the user's own
+    code runs them (a training BatchNorm then normalises each half with its own statistics);
+    the penalty at the samples (WGAN-div, R1, R2) from those same forwards, at other points
+    (interpolates) from one more."""
+    b = real.shape[0]
+    use_real, use_fake = _SHARED_FORWARD.get(cfg.sampling, (False, False)) if cfg is not None else (False, False)
+    grads = []
+    outs = []
+    for x, used in ((real.detach(), use_real), (fake.detach(), use_fake)):
+        if used:
+            out, grad_x = input_gradient(critic, x, scaler=scaler)
+            grads.append(grad_x)
+        else:
+            out = critic(x)
+            _check_output(out, b)
+        outs.append(out)
+    pen = norms = None
+    if cfg is not None:
+        if not grads:
+            x = _sample(real, fake, cfg.sampling, generator)
+            grads.append(input_gradient(critic, x, scaler=scaler)[1])
+        grad_x = grads[0] if len(grads) == 1 else torch.cat(grads)
+        pen, norms = _penalty(grad_x, cfg, backend)
+    return _loss_and_stats(_mean_difference(torch.cat(outs), b), pen, norms)
+
+
 def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None, center=None, p=None,
-                one_sided=None, sampling=None, every: int = 1, generator=None, scaler=None,
-                backend: str | None = None):
+                one_sided=None, sampling=None, every: int = 1, step: int | None = None, generator=None,
+                scaler=None, shared_forward: bool | None = None, backend: str | None = None):
     """The whole critic loss ``mean D(fake) - mean D(real) + penalty`` and a stats dict.
 
     ``penalty``: a preset name (see ``gradient_penalty``) or None for no penalty; explicit
     arguments override the preset. Where r(x) is made of the samples themselves (``real+fake``,
     ``real``, ``fake``: WGAN-div, R1, R2) ONE critic forward on ``cat(real, fake)`` serves both the
-    loss and the penalty. ``every=N``: lazy regularization (StyleGAN2): the penalty, scaled by N,
-    is applied on every N-th call for this critic (the first call included) and its cost is skipped
-    on the others (``critic``: a Module, a function or a bound method, counted per object).
+    loss and the penalty.
+
+    ``shared_forward``: whether real and fake go through the critic in one batch. None (default):
+    yes unless the critic (or the module a callable wraps) holds a BatchNorm normalising with the
+    batch's statistics (training mode): then ``D(real)`` and ``D(fake)`` run apart, as the user's
+    own code does, so each half is normalised with its own statistics. True / False force it.
+
+    ``every=N``: lazy regularization (StyleGAN2): the penalty, scaled by N, is applied when
+    ``step % N == 0`` (``step``: the caller's training step), or, without ``step``, on every N-th
+    call for this critic (the first call included; counted per module: a lambda, partial or bound
+    method wrapping a module counts under that module, so a new wrapper per call is the same
+    critic); its cost is skipped on the other calls.
     Returns ``(loss, stats)``, stats holding detached 0-d tensors ``wasserstein``
     (mean D(real) - mean D(fake)), ``penalty`` and ``grad_norm`` (mean norm; NaN when skipped);
     the loss is float32 (float64 for a float64 critic, which then passes a float64 gradcheck).
@@ -384,6 +471,11 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
     _check_pair(real, fake)
     if type(every) is not int or every < 1:  # (type, not isinstance: a bool is an int)
         raise ValueError(f"every: expected an int >= 1, got {every!r}")
+    if step is not None and (type(step) is not int or step < 0):
+        raise ValueError(f"step: expected an int >= 0 (the training step; the penalty runs when step % every == 0), "
+                         f"got {step!r}")
+    if shared_forward not in (None, True, False):
+        raise ValueError(f"shared_forward: expected None (decide from the critic), True or False, got {shared_forward!r}")
     _check_generator(generator, real)
     _check_scaler(scaler)
     _check_backend(backend)
@@ -399,9 +491,13 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
                                  f"or leave {name} out, got {value!r}")
     apply = cfg is not None
     if apply and every > 1:
-        apply = _lazy_count(critic) % every == 0
+        apply = (step if step is not None else _lazy_count(critic)) % every == 0
         cfg = replace(cfg, weight=cfg.weight * every)
     b = real.shape[0]
+    if shared_forward is None:
+        shared_forward = _samples_apart(critic)
+    if not shared_forward:
+        return _critic_loss_apart(critic, real, fake, cfg if apply else None, generator, scaler, backend)
     both = torch.cat([real.detach(), fake.detach()])
     pen = None
     if apply and cfg.sampling in _SHARED_FORWARD:
@@ -416,7 +512,11 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
             x = _sample(real, fake, cfg.sampling, generator)
             _, grad_x = input_gradient(critic, x, scaler=scaler)
             pen, norms = _penalty(grad_x, cfg, backend)
-    difference = _mean_difference(out, b)  # mean D(fake) - mean D(real)
+    return _loss_and_stats(_mean_difference(out, b), pen, norms if pen is not None else None)
+
+
+def _loss_and_stats(difference, pen, norms):
+    """``difference`` = mean D(fake) - mean D(real), plus the penalty, and the stats dict."""
     loss = difference
     if pen is not None:
         loss = loss + pen

@@ -325,6 +325,11 @@ def _build(critic: nn.Module, graph: fx.Graph, inputs: dict, output) -> _Program
             dep.add(node)
 
     # static checks of the modules on the input's path, before running anything
+    leaves = {node.target for node in graph.nodes if node.op == "call_module"}
+    for path, m in critic.named_modules():
+        if path not in leaves and (m._forward_hooks or m._forward_pre_hooks):
+            raise Unsupported(f"{path or 'the critic'}: {type(m).__name__} has forward hooks, which the explicit path "
+                              "would not run (it does not call the module)")
     for node in graph.nodes:
         if node in dep and node.op == "call_module":
             _module_op(modules[node.target], node.target)
@@ -645,7 +650,9 @@ class TracedCritic(InputGradModule):
         return None if self._trace_error is None else f"{path}: {self._trace_error}"
 
     def _modes(self):
-        return tuple(m.training for m in self.critic.modules())
+        """What the program depends on besides the input: each submodule's mode and whether it
+        has forward hooks (which the explicit path would not run)."""
+        return tuple((m.training, bool(m._forward_hooks or m._forward_pre_hooks)) for m in self.critic.modules())
 
     def program(self, x, args, kwargs) -> _Program:
         """The program for this input signature (built on first use; ``Unsupported`` if none)."""
