@@ -6,9 +6,11 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import wgan_kernels as wk
+import wgan_kernels.nn as wn
 
 
 def bn_critic():
@@ -116,3 +118,202 @@ def test_every_with_an_explicit_step():
     for bad in (-1, 1.0, True, "3"):
         with pytest.raises(ValueError, match="step"):
             wk.critic_loss(critic, real, fake, every=2, step=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# the options real GAN code needs
+# ----------------------------------------------------------------------------------------------
+
+
+def small_critic():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+
+
+def manual(critic, real, fake, adversarial, reduction, weight=2.0, p=6.0):
+    """The user's code: two forwards, autograd's double backward, the penalty at real and fake."""
+    r, f = real.clone().requires_grad_(True), fake.clone().requires_grad_(True)
+    out_r, out_f = critic(r), critic(f)
+    g = torch.cat([torch.autograd.grad(out_r.sum(), r, create_graph=True)[0],
+                   torch.autograd.grad(out_f.sum(), f, create_graph=True)[0]])
+    terms = g.flatten(1).norm(dim=1).pow(p)
+    pen = weight * (terms.max() if reduction == "max" else terms.mean())
+    if adversarial == "logistic":
+        adv = F.softplus(-out_r).mean() + F.softplus(out_f).mean()
+    elif adversarial == "hinge":
+        adv = F.relu(1 - out_r).mean() + F.relu(1 + out_f).mean()
+    else:
+        adv = out_f.mean() - out_r.mean()
+    return adv + pen
+
+
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+@pytest.mark.parametrize("adversarial", ["wasserstein", "logistic", "hinge"])
+def test_losses_and_reductions(adversarial, reduction):
+    critic = small_critic()
+    real, fake = torch.randn(5, 3), torch.randn(5, 3) * 2
+    loss, stats = wk.critic_loss(critic, real, fake, penalty="div", loss=adversarial, reduction=reduction)
+    expected = manual(copy.deepcopy(critic), real, fake, adversarial, reduction)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, list(critic.parameters()))
+    reference = copy.deepcopy(critic)
+    want = torch.autograd.grad(manual(reference, real, fake, adversarial, reduction), list(reference.parameters()))
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_max_gp_in_gradient_penalty():
+    critic = small_critic()
+    real = torch.randn(6, 3)
+    got = wk.gradient_penalty(critic, real, kind="r1", reduction="max")
+    x = real.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
+    torch.testing.assert_close(got, 5.0 * g.norm(dim=1).pow(2).max())
+
+
+def test_fake_is_optional_where_r_does_not_use_it():
+    critic = small_critic()
+    real = torch.randn(6, 3)
+    for kind in ("r1", "dragan"):
+        gen = torch.Generator().manual_seed(3)
+        alone = wk.gradient_penalty(critic, real, kind=kind, generator=gen)
+        gen = torch.Generator().manual_seed(3)
+        torch.testing.assert_close(alone, wk.gradient_penalty(critic, real, torch.randn(6, 3), kind=kind,
+                                                              generator=gen))
+    for kind in ("gp", "div", "r2"):
+        with pytest.raises(ValueError, match="fake: sampling="):
+            wk.gradient_penalty(critic, real, kind=kind)
+
+
+def test_loss_name_spellings():
+    critic = small_critic()
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    for alias, kind in (("wgan-gp", "gp"), ("wgan_div", "div"), ("wgan-div", "div")):
+        g1 = torch.Generator().manual_seed(0)
+        g2 = torch.Generator().manual_seed(0)
+        torch.testing.assert_close(wk.critic_loss(critic, real, fake, penalty=alias, generator=g1)[0],
+                                   wk.critic_loss(critic, real, fake, penalty=kind, generator=g2)[0])
+    for bad, name in ((dict(loss="nsgan"), "loss"), (dict(reduction="sum"), "reduction")):
+        with pytest.raises(ValueError, match=name):
+            wk.critic_loss(critic, real, fake, **bad)
+    with pytest.raises(ValueError, match="penalty: expected a preset"):
+        wk.critic_loss(critic, real, fake, penalty="wgan")
+
+
+def test_trainer_accepts_the_preset_spellings():
+    from wgan_kernels.train import TrainConfig
+    from wgan_kernels.train.config import check
+
+    for alias, name in (("gp", "wgan-gp"), ("div", "wgan-div"), ("wgan_gp", "wgan-gp")):
+        cfg = TrainConfig(loss=alias)
+        check(cfg)
+        assert cfg.loss == name
+    with pytest.raises(ValueError, match="loss: expected one of"):
+        check(TrainConfig(loss="hinge-gp"))
+
+
+# ----------------------------------------------------------------------------------------------
+# old-style spectral norm (torch.nn.utils.spectral_norm: weight_orig, weight_u, weight_v, a hook)
+# ----------------------------------------------------------------------------------------------
+
+
+def old_sn_critic():
+    torch.manual_seed(0)
+    sn = torch.nn.utils.spectral_norm
+    return nn.Sequential(sn(nn.Conv2d(3, 8, 3, 2, 1)), nn.LeakyReLU(0.1), nn.Flatten(), sn(nn.Linear(128, 1)))
+
+
+def test_from_torch_takes_old_style_spectral_norm_as_sn_blocks():
+    critic = old_sn_critic().eval()  # eval: u, v frozen, so both compute the same sigma from the same u, v
+    blocks = wn.from_torch(critic)
+    assert isinstance(blocks[0], wn.SNConv2d) and isinstance(blocks[3], wn.SNLinear)
+    assert blocks[0].weight is critic[0].weight_orig and blocks[0]._u is critic[0].weight_u
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(blocks(x), critic(x), rtol=1e-5, atol=1e-6)
+    out, grad_x = blocks.forward_with_input_grad(x)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(critic(xr).sum(), xr)
+    torch.testing.assert_close(grad_x, g, rtol=1e-4, atol=1e-6)
+
+
+def test_old_style_checkpoint_loads_into_sn_blocks():
+    critic = old_sn_critic()
+    state = critic.state_dict()
+    assert "0.weight_orig" in state and "0.weight_u" in state
+    fresh = wn.Sequential(wn.SNConv2d(3, 8, 3, 2, 1), wn.LeakyReLU(0.1), wn.Flatten(), wn.SNLinear(128, 1))
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh[0].weight, critic[0].weight_orig)
+    torch.testing.assert_close(fresh[0]._u, critic[0].weight_u)
+
+
+def test_old_style_spectral_norm_traced_is_torchs_own():
+    """Inside a custom module the traced path runs torch's own hook: the old API's v-first
+    iteration, exactly."""
+    class Critic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = old_sn_critic()
+
+        def forward(self, x):
+            return self.body(x).view(-1)
+
+    critic = Critic()
+    reference = copy.deepcopy(critic)
+    x = torch.randn(4, 3, 8, 8)
+    out, grad_x = wn.from_torch(critic).forward_with_input_grad(x)
+    xr = x.clone().requires_grad_(True)
+    out_r = reference(xr)
+    (g,) = torch.autograd.grad(out_r.sum(), xr)
+    torch.testing.assert_close(out, out_r)
+    torch.testing.assert_close(grad_x, g)
+    torch.testing.assert_close(critic.body[0].weight_u, reference.body[0].weight_u)
+
+
+def test_spectral_norm_all_refuses_old_style_clearly():
+    with pytest.raises(ValueError, match="already has torch.nn.utils.spectral_norm"):
+        wk.spectral_norm_all(old_sn_critic())
+
+
+# ----------------------------------------------------------------------------------------------
+# ClippedRMSprop with momentum / centered, as torch.optim.RMSprop has them
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("momentum,centered", [(0.9, False), (0.0, True), (0.5, True)])
+def test_clipped_rmsprop_momentum_centered(momentum, centered, dtype):
+    torch.manual_seed(0)
+    params = [torch.randn(7, 5, dtype=dtype).mul_(0.02), torch.randn(13, dtype=dtype).mul_(0.02)]
+    ours = [p.clone().requires_grad_(True) for p in params]
+    theirs = [p.clone().requires_grad_(True) for p in params]
+    opt = wk.ClippedRMSprop(ours, lr=1e-3, momentum=momentum, centered=centered, weight_decay=0.01, clip_value=0.01)
+    ref = torch.optim.RMSprop(theirs, lr=1e-3, momentum=momentum, centered=centered, weight_decay=0.01)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            for q in theirs:
+                c = float(torch.tensor(0.01, dtype=q.dtype))
+                q.clamp_(-c, c)
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # state dicts load both ways
+    again = torch.optim.RMSprop([p.detach().clone().requires_grad_(True) for p in params], lr=1e-3,
+                                momentum=momentum, centered=centered)
+    again.load_state_dict(opt.state_dict())
+    back = wk.ClippedRMSprop([p.detach().clone().requires_grad_(True) for p in params], lr=1e-3)
+    back.load_state_dict(ref.state_dict())
+    assert back.param_groups[0]["momentum"] == momentum and back.param_groups[0]["centered"] == centered
+
+
+def test_clipped_rmsprop_momentum_argument_checks():
+    p = [torch.zeros(3, requires_grad=True)]
+    with pytest.raises(ValueError, match="momentum"):
+        wk.ClippedRMSprop(p, momentum=-0.1)
+    with pytest.raises(ValueError, match="centered"):
+        wk.ClippedRMSprop(p, centered="yes")
+    with pytest.raises(ValueError, match="backend: rmsprop_clip_momentum_ has no 'cpp'"):
+        wk.ClippedRMSprop(p, momentum=0.9, backend="cpp")

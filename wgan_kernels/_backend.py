@@ -42,6 +42,7 @@ STRICT_ENV = "WGAN_KERNELS_STRICT"
 PREFERENCES: dict[str, dict[str, tuple[str, ...]]] = {
     "clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
     "rmsprop_clip_": {"cpu": ("cpp",), "cuda": ("cpp",)},
+    "rmsprop_clip_momentum_": {},  # ClippedRMSprop with momentum or centered: torch's update, then the clamp
     "grad_norm_penalty": {"cpu": ("cpp",), "cuda": ("triton",)},
     "power_iteration_": {"cpu": ("cpp",), "cuda": ("triton",)},
     # the explicit chain's (bias +) leaky ReLU with a 1-byte mask; on CPU the blocks keep aten's kernels

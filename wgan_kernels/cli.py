@@ -198,9 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, the extension's build, and which backend each op uses here")
     info.set_defaults(func=_cmd_info)
     from .train import DATASETS, LOSSES
+    from .train.config import LOSS_ALIASES
 
     train = sub.add_parser("train", help="train a WGAN on an embedded dataset, fused or eager")
-    train.add_argument("--loss", choices=LOSSES, help="default wgan-div")
+    train.add_argument("--loss", choices=LOSSES + tuple(LOSS_ALIASES), help="default wgan-div (gp, div: the same as "
+                       "wgan-gp, wgan-div)")
     train.add_argument("--dataset", choices=DATASETS, help="default 8gaussians")
     train.add_argument("--backend", choices=["fused", "eager"], help="default fused")
     train.add_argument("--steps", type=int, help="generator steps (default 1000)")

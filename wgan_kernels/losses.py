@@ -21,8 +21,8 @@ from ._backend import BACKENDS, compiling
 from ._checks import acc_dtype
 from .ops.penalty import check_parameters, grad_norm_penalty_and_norms
 
-__all__ = ["PenaltyConfig", "PRESETS", "STRATEGIES", "sample_penalty_points", "input_gradient", "gradient_penalty",
-           "critic_loss", "penalty_config", "gradient_penalty_reference"]
+__all__ = ["ALIASES", "LOSSES", "REDUCTIONS", "PenaltyConfig", "PRESETS", "STRATEGIES", "sample_penalty_points",
+           "input_gradient", "gradient_penalty", "critic_loss", "penalty_config", "gradient_penalty_reference"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ PRESETS: dict[str, PenaltyConfig] = {
     "zero-gp": PenaltyConfig(weight=10.0, center=0.0, p=2.0, one_sided=False, sampling="interpolate"),
 }
 
+# the trainer's loss names (and underscore spellings) for the presets they use
+ALIASES = {"wgan-gp": "gp", "wgan_gp": "gp", "wgan-div": "div", "wgan_div": "div", "wgan-gp-one-sided": "gp-one-sided",
+           "zero_gp": "zero-gp", "gp_one_sided": "gp-one-sided"}
+REDUCTIONS = ("mean", "max")
+LOSSES = ("wasserstein", "logistic", "hinge")
+
 STRATEGIES = ("interpolate", "interpolate-within", "interpolate-mixed", "real+fake", "real", "fake", "perturbed-real")
 # Strategies whose points are the real/fake samples themselves: the loss's forward serves the penalty.
 _SHARED_FORWARD = {"real+fake": (True, True), "real": (True, False), "fake": (False, True)}
@@ -66,8 +72,11 @@ def _config(kind, kind_name: str, weight, center, p, one_sided, sampling) -> Pen
     """``penalty_config`` with the preset argument's own name (``kind`` or ``penalty``) in its error.
     The presets are valid as they stand; overrides are checked, and cached (a training loop
     passes the same ones every step): the check is then one dict look-up."""
+    if isinstance(kind, str):
+        kind = ALIASES.get(kind, kind)
     if not isinstance(kind, str) or kind not in PRESETS:
-        raise ValueError(f"{kind_name}: expected a preset kind, one of {tuple(PRESETS)}, got {kind!r}")
+        raise ValueError(f"{kind_name}: expected a preset kind, one of {tuple(PRESETS)} (or {tuple(ALIASES)}), "
+                         f"got {kind!r}")
     if weight is None and center is None and p is None and one_sided is None and sampling is None:
         return PRESETS[kind]
     key = (kind, weight, center, p, one_sided, sampling)
@@ -298,29 +307,51 @@ def gradient_penalty_reference(critic, points, *, weight: float, center: float, 
     return weight * (d.clamp_min(0) if one_sided else d.abs()).pow(p).mean()
 
 
-def _penalty(grad_x, cfg: PenaltyConfig, backend):
-    return grad_norm_penalty_and_norms(grad_x, weight=cfg.weight, center=cfg.center, p=cfg.p,
-                                       one_sided=cfg.one_sided, backend=backend)
+def _penalty(grad_x, cfg: PenaltyConfig, backend, reduction: str = "mean"):
+    """(penalty, per-sample norms). ``reduction="max"``: ``weight * max_i phi(n_i)`` (StudioGAN's
+    max-GP), in plain torch ops (float32 accumulation, as the fused kernels)."""
+    if reduction == "mean":
+        return grad_norm_penalty_and_norms(grad_x, weight=cfg.weight, center=cfg.center, p=cfg.p,
+                                           one_sided=cfg.one_sided, backend=backend)
+    n = grad_x.reshape(grad_x.shape[0], -1).to(acc_dtype(grad_x.dtype)).norm(dim=1)
+    d = n - cfg.center
+    return cfg.weight * (d.clamp_min(0) if cfg.one_sided else d.abs()).pow(cfg.p).max(), n.detach()
 
 
-def gradient_penalty(critic, real, fake, *, kind: str = "gp", weight=None, center=None, p=None, one_sided=None,
-                     sampling=None, generator=None, scaler=None, backend: str | None = None):
+def _check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+_NEEDS_FAKE = ("interpolate", "interpolate-within", "interpolate-mixed", "real+fake", "fake")
+
+
+def gradient_penalty(critic, real, fake=None, *, kind: str = "gp", weight=None, center=None, p=None,
+                     one_sided=None, sampling=None, generator=None, scaler=None, reduction: str = "mean",
+                     backend: str | None = None):
     """The penalty ``weight * mean phi(||grad_x D(x)||)`` over ``x ~ r(x)``, a 0-d float32 tensor
     differentiable w.r.t. the critic's parameters.
 
     ``kind``: a preset of ``PRESETS`` (``"gp"``, ``"gp-one-sided"``, ``"div"``, ``"r1"``, ``"r2"``,
-    ``"dragan"``, ``"zero-gp"``); explicit ``weight``, ``center``, ``p``, ``one_sided``,
-    ``sampling`` override it. ``scaler``: a GradScaler when the critic runs under autocast.
+    ``"dragan"``, ``"zero-gp"``; also the trainer's ``"wgan-gp"``, ``"wgan-div"``); explicit
+    ``weight``, ``center``, ``p``, ``one_sided``, ``sampling`` override it. ``fake`` may be None
+    where r(x) does not use it (R1, DRAGAN). ``reduction="max"``: the largest per-sample term
+    instead of the mean (max-GP). ``scaler``: a GradScaler when the critic runs under autocast.
     """
     _check_critic(critic)
+    cfg = _config(kind, "kind", weight, center, p, one_sided, sampling)
+    if fake is None:
+        if cfg.sampling in _NEEDS_FAKE:
+            raise ValueError(f"fake: sampling={cfg.sampling!r} uses the fake samples; pass them")
+        fake = real  # (not read by this strategy)
     _check_pair(real, fake)
     _check_generator(generator, real)
     _check_scaler(scaler)
     _check_backend(backend)
-    cfg = _config(kind, "kind", weight, center, p, one_sided, sampling)
+    _check_reduction(reduction)
     x = _sample(real, fake, cfg.sampling, generator)
     _, grad_x = input_gradient(critic, x, scaler=scaler)
-    return _penalty(grad_x, cfg, backend)[0]
+    return _penalty(grad_x, cfg, backend, reduction)[0]
 
 
 @functools.lru_cache(maxsize=64)
@@ -412,7 +443,7 @@ def _samples_apart(critic) -> bool:
     return True
 
 
-def _critic_loss_apart(critic, real, fake, cfg, generator, scaler, backend):
+def _critic_loss_apart(critic, real, fake, cfg, generator, scaler, backend, reduction, adversarial):
     """critic_loss for a batch-coupled critic: D(real) and D(fake) separately, as the user's own
     code runs them (a training BatchNorm then normalises each half with its own statistics);
     the penalty at the samples (WGAN-div, R1, R2) from those same forwards, at other points
@@ -435,14 +466,20 @@ def _critic_loss_apart(critic, real, fake, cfg, generator, scaler, backend):
             x = _sample(real, fake, cfg.sampling, generator)
             grads.append(input_gradient(critic, x, scaler=scaler)[1])
         grad_x = grads[0] if len(grads) == 1 else torch.cat(grads)
-        pen, norms = _penalty(grad_x, cfg, backend)
-    return _loss_and_stats(_mean_difference(torch.cat(outs), b), pen, norms)
+        pen, norms = _penalty(grad_x, cfg, backend, reduction)
+    return _loss_and_stats(torch.cat(outs), b, pen, norms, adversarial)
 
 
 def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None, center=None, p=None,
                 one_sided=None, sampling=None, every: int = 1, step: int | None = None, generator=None,
-                scaler=None, shared_forward: bool | None = None, backend: str | None = None):
+                scaler=None, shared_forward: bool | None = None, loss: str = "wasserstein",
+                reduction: str = "mean", backend: str | None = None):
     """The whole critic loss ``mean D(fake) - mean D(real) + penalty`` and a stats dict.
+
+    ``loss``: the adversarial term: ``"wasserstein"`` (default), ``"logistic"`` (the
+    non-saturating GAN's ``softplus(-D(real)) + softplus(D(fake))``, what R1 / R2 are mostly used
+    with) or ``"hinge"`` (``relu(1 - D(real)) + relu(1 + D(fake))``). ``reduction``: ``"mean"``
+    of the per-sample penalty terms, or ``"max"`` (max-GP).
 
     ``penalty``: a preset name (see ``gradient_penalty``) or None for no penalty; explicit
     arguments override the preset. Where r(x) is made of the samples themselves (``real+fake``,
@@ -474,6 +511,9 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
     if step is not None and (type(step) is not int or step < 0):
         raise ValueError(f"step: expected an int >= 0 (the training step; the penalty runs when step % every == 0), "
                          f"got {step!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss: expected one of {LOSSES}, got {loss!r}")
+    _check_reduction(reduction)
     if shared_forward not in (None, True, False):
         raise ValueError(f"shared_forward: expected None (decide from the critic), True or False, got {shared_forward!r}")
     _check_generator(generator, real)
@@ -497,27 +537,39 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
     if shared_forward is None:
         shared_forward = _samples_apart(critic)
     if not shared_forward:
-        return _critic_loss_apart(critic, real, fake, cfg if apply else None, generator, scaler, backend)
+        return _critic_loss_apart(critic, real, fake, cfg if apply else None, generator, scaler, backend, reduction,
+                                  loss)
     both = torch.cat([real.detach(), fake.detach()])
     pen = None
     if apply and cfg.sampling in _SHARED_FORWARD:
         out, grad_x = input_gradient(critic, both, scaler=scaler)
         use_real, use_fake = _SHARED_FORWARD[cfg.sampling]
         grad_x = grad_x if (use_real and use_fake) else (grad_x[:b] if use_real else grad_x[b:])
-        pen, norms = _penalty(grad_x, cfg, backend)
+        pen, norms = _penalty(grad_x, cfg, backend, reduction)
     else:
         out = critic(both)
         _check_output(out, 2 * b)
         if apply:
             x = _sample(real, fake, cfg.sampling, generator)
             _, grad_x = input_gradient(critic, x, scaler=scaler)
-            pen, norms = _penalty(grad_x, cfg, backend)
-    return _loss_and_stats(_mean_difference(out, b), pen, norms if pen is not None else None)
+            pen, norms = _penalty(grad_x, cfg, backend, reduction)
+    return _loss_and_stats(out, b, pen, norms if pen is not None else None, loss)
 
 
-def _loss_and_stats(difference, pen, norms):
-    """``difference`` = mean D(fake) - mean D(real), plus the penalty, and the stats dict."""
+def _loss_and_stats(out, b, pen, norms, adversarial="wasserstein"):
+    """The adversarial term of ``out = D(cat(real, fake))`` (``mean D(fake) - mean D(real)`` for
+    ``"wasserstein"``; ``softplus(-D(real)) + softplus(D(fake))`` means for ``"logistic"``, the
+    non-saturating GAN loss; ``relu(1 - D(real)) + relu(1 + D(fake))`` means for ``"hinge"``),
+    plus the penalty, and the stats dict (``wasserstein``: mean D(real) - mean D(fake) always)."""
+    difference = _mean_difference(out, b)
     loss = difference
+    if adversarial != "wasserstein":
+        flat = (out if out.dtype == torch.float64 else out.float()).reshape(2 * b, -1)
+        r, f = flat[:b], flat[b:]
+        if adversarial == "logistic":
+            loss = torch.nn.functional.softplus(-r).mean() + torch.nn.functional.softplus(f).mean()
+        else:
+            loss = torch.relu(1 - r).mean() + torch.relu(1 + f).mean()
     if pen is not None:
         loss = loss + pen
         grad_norm = norms.detach().mean()  # float32 (float64 for a float64 gradient), like the penalty

@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 from .explicit_ops import OPS
 from .layers import InputGradModule, Residual, Sequential, block_for
-from .spectral import from_torch_spectral
+from .spectral import from_torch_spectral, old_style_spectral_norm
 from .trace import TracedCritic
 
 # Exact types only (the keys of explicit_ops.OPS): a subclass of a torch layer may change its
@@ -46,7 +46,8 @@ def from_torch(module: nn.Module, output=None, *, _path: str = "module") -> Inpu
         if reason is not None:
             raise ValueError(reason)
         return traced
-    if module._forward_hooks or module._forward_pre_hooks:
+    old_sn = old_style_spectral_norm(module)
+    if module._forward_hooks or (module._forward_pre_hooks and old_sn is None):
         raise ValueError(
             f"{_path}: {type(module).__name__} has forward hooks, which the explicit path would skip"
         )
@@ -59,6 +60,9 @@ def from_torch(module: nn.Module, output=None, *, _path: str = "module") -> Inpu
         )
         return Sequential(children).train(module.training)
     spectral = from_torch_spectral(module, _path)
+    if spectral is None and old_sn is not None:
+        raise ValueError(f"{_path}: {type(module).__name__} with torch.nn.utils.spectral_norm: the SN blocks take "
+                         "Linear and Conv2d layers with spectral norm on 'weight' only")
     if spectral is not None:
         block = spectral
     elif isinstance(module, InputGradModule):

@@ -213,6 +213,15 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _per_dims(base: type, torch_types: tuple, first_nd: int = 1) -> tuple:
+    """The op classes of a family of torch modules that differ only in their number of spatial
+    dims (``Conv1d`` / ``Conv2d`` / ``Conv3d``, ...): subclasses of ``base`` with ``torch_type``
+    and ``nd`` set (registered in ``OPS`` by ``Op.__init_subclass__``)."""
+    return tuple(type(f"{t.__name__}Op", (base,), {"torch_type": t, "nd": first_nd + i, "__module__": __name__,
+                                                   "__doc__": f"``nn.{t.__name__}``: {base.__doc__}"})
+                 for i, t in enumerate(torch_types))
+
+
 class _ConvOp(Op):
     """``conv{1,2,3}d`` with zero padding (any stride, dilation, groups); dx is the transposed
     convolution of dy with the same weight (``output_padding`` restores the input size the
@@ -280,25 +289,7 @@ class _ConvOp(Op):
         return dim if ok else None
 
 
-class Conv1dOp(_ConvOp):
-    """``conv1d`` (see ``_ConvOp``)."""
-
-    torch_type = nn.Conv1d
-    nd = 1
-
-
-class Conv2dOp(_ConvOp):
-    """``conv2d`` (see ``_ConvOp``)."""
-
-    torch_type = nn.Conv2d
-    nd = 2
-
-
-class Conv3dOp(_ConvOp):
-    """``conv3d`` (see ``_ConvOp``)."""
-
-    torch_type = nn.Conv3d
-    nd = 3
+Conv1dOp, Conv2dOp, Conv3dOp = _per_dims(_ConvOp, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,40 +413,42 @@ class SiLUOp(Op):
         return (gu * s * (1 + xu * (1 - s))).to(g.dtype)
 
 
-class TanhOp(Op):
+class _SavesOutputOp(Op):
+    """A smooth activation whose derivative is a function of its output: it saves y and
+    multiplies g by ``slope(y)`` (in float32 for 16-bit values)."""
+
+    @classmethod
+    def from_module(cls, m):
+        return cls()
+
+    def forward(self, p, x):
+        y = self.fn(x)
+        return y, y
+
+    def vjp(self, p, y, g, first_order=False):
+        return (_upcast(g) * self.slope(_upcast(y))).to(g.dtype)
+
+
+class TanhOp(_SavesOutputOp):
     """y = tanh(x); dy/dx = 1 - y^2."""
 
     torch_type = nn.Tanh
+    fn = staticmethod(torch.tanh)
 
-    @classmethod
-    def from_module(cls, m):
-        return cls()
-
-    def forward(self, p, x):
-        y = torch.tanh(x)
-        return y, y
-
-    def vjp(self, p, y, g, first_order=False):
-        yu, gu = _upcast(y), _upcast(g)
-        return (gu * (1 - yu * yu)).to(g.dtype)
+    @staticmethod
+    def slope(y):
+        return 1 - y * y
 
 
-class SigmoidOp(Op):
+class SigmoidOp(_SavesOutputOp):
     """y = sigmoid(x); dy/dx = y (1 - y)."""
 
     torch_type = nn.Sigmoid
+    fn = staticmethod(torch.sigmoid)
 
-    @classmethod
-    def from_module(cls, m):
-        return cls()
-
-    def forward(self, p, x):
-        y = torch.sigmoid(x)
-        return y, y
-
-    def vjp(self, p, y, g, first_order=False):
-        yu, gu = _upcast(y), _upcast(g)
-        return (gu * yu * (1 - yu)).to(g.dtype)
+    @staticmethod
+    def slope(y):
+        return y * (1 - y)
 
 
 class GELUOp(Op):
@@ -644,25 +637,8 @@ class _AdaptiveAvgPoolOp(ReduceOp):
         return super().forward(p, x)
 
 
-class AdaptiveAvgPool1dOp(_AdaptiveAvgPoolOp):
-    """Global average pool over L."""
-
-    torch_type = nn.AdaptiveAvgPool1d
-    nd = 1
-
-
-class AdaptiveAvgPool2dOp(_AdaptiveAvgPoolOp):
-    """Global average pool over H, W."""
-
-    torch_type = nn.AdaptiveAvgPool2d
-    nd = 2
-
-
-class AdaptiveAvgPool3dOp(_AdaptiveAvgPoolOp):
-    """Global average pool over D, H, W."""
-
-    torch_type = nn.AdaptiveAvgPool3d
-    nd = 3
+AdaptiveAvgPool1dOp, AdaptiveAvgPool2dOp, AdaptiveAvgPool3dOp = _per_dims(
+    _AdaptiveAvgPoolOp, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d))
 
 
 class ScaleOp(Op):
@@ -829,25 +805,7 @@ class DropoutOp(_DropoutOp):
     torch_type = nn.Dropout
 
 
-class Dropout1dOp(_DropoutOp):
-    """``nn.Dropout1d``: one mask value per (sample, channel)."""
-
-    torch_type = nn.Dropout1d
-    nd = 1
-
-
-class Dropout2dOp(_DropoutOp):
-    """``nn.Dropout2d``: one mask value per (sample, channel)."""
-
-    torch_type = nn.Dropout2d
-    nd = 2
-
-
-class Dropout3dOp(_DropoutOp):
-    """``nn.Dropout3d``: one mask value per (sample, channel)."""
-
-    torch_type = nn.Dropout3d
-    nd = 3
+Dropout1dOp, Dropout2dOp, Dropout3dOp = _per_dims(_DropoutOp, (nn.Dropout1d, nn.Dropout2d, nn.Dropout3d))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -922,22 +880,7 @@ class _BatchNormOp(Op):
         return dim if dim >= 2 and w.dtype == x.dtype and w.device == x.device else None
 
 
-class BatchNorm1dOp(_BatchNormOp):
-    """Eval-mode ``nn.BatchNorm1d`` (see ``_BatchNormOp``)."""
-
-    torch_type = nn.BatchNorm1d
-
-
-class BatchNorm2dOp(_BatchNormOp):
-    """Eval-mode ``nn.BatchNorm2d`` (see ``_BatchNormOp``)."""
-
-    torch_type = nn.BatchNorm2d
-
-
-class BatchNorm3dOp(_BatchNormOp):
-    """Eval-mode ``nn.BatchNorm3d`` (see ``_BatchNormOp``)."""
-
-    torch_type = nn.BatchNorm3d
+BatchNorm1dOp, BatchNorm2dOp, BatchNorm3dOp = _per_dims(_BatchNormOp, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 
 
 def _norm_vjp(x, g, groups_shape, affine_view, weight, eps):
@@ -956,11 +899,9 @@ def _norm_vjp(x, g, groups_shape, affine_view, weight, eps):
     return dx.reshape(x.shape).to(g.dtype)
 
 
-class LayerNormOp(Op):
-    """``nn.LayerNorm`` over the trailing ``normalized_shape`` dims (per sample): adjoint by
-    ``_norm_vjp``, differentiable again (its gradient reaches the layers before it)."""
-
-    torch_type = nn.LayerNorm
+class _NormOp(Op):
+    """A per-sample norm module (its statistics and ``eps`` read from ``module``); ``params`` is
+    its ``(weight, bias)`` (None without affine parameters)."""
 
     def __init__(self, m):
         self.module = m
@@ -969,6 +910,13 @@ class LayerNormOp(Op):
     @classmethod
     def from_module(cls, m):
         return cls(m)
+
+
+class LayerNormOp(_NormOp):
+    """``nn.LayerNorm`` over the trailing ``normalized_shape`` dims (per sample): adjoint by
+    ``_norm_vjp``, differentiable again (its gradient reaches the layers before it)."""
+
+    torch_type = nn.LayerNorm
 
     def forward(self, p, x):
         m = self.module
@@ -981,18 +929,10 @@ class LayerNormOp(Op):
         return _norm_vjp(x, g, lead + (-1,), view, p[0], self.module.eps)
 
 
-class GroupNormOp(Op):
+class GroupNormOp(_NormOp):
     """``nn.GroupNorm``: statistics per (sample, group) over its channels and positions."""
 
     torch_type = nn.GroupNorm
-
-    def __init__(self, m):
-        self.module = m
-        self.params = (m.weight, m.bias)
-
-    @classmethod
-    def from_module(cls, m):
-        return cls(m)
 
     def forward(self, p, x):
         m = self.module
@@ -1004,18 +944,10 @@ class GroupNormOp(Op):
         return _norm_vjp(x, g, (x.shape[0], m.num_groups, -1), view, p[0], m.eps)
 
 
-class _InstanceNormOp(Op):
+class _InstanceNormOp(_NormOp):
     """``InstanceNorm{1,2,3}d``: statistics per (sample, channel) over positions (running
     statistics, when tracked, are updated in training mode as the module does; in eval mode
     with tracked statistics it is refused)."""
-
-    def __init__(self, m):
-        self.module = m
-        self.params = (m.weight, m.bias)
-
-    @classmethod
-    def from_module(cls, m):
-        return cls(m)
 
     @classmethod
     def unsupported(cls, m, path):
@@ -1035,22 +967,8 @@ class _InstanceNormOp(Op):
         return _norm_vjp(x, g, (x.shape[0], x.shape[1], -1), view, p[0], self.module.eps)
 
 
-class InstanceNorm1dOp(_InstanceNormOp):
-    """``nn.InstanceNorm1d`` (see ``_InstanceNormOp``)."""
-
-    torch_type = nn.InstanceNorm1d
-
-
-class InstanceNorm2dOp(_InstanceNormOp):
-    """``nn.InstanceNorm2d`` (see ``_InstanceNormOp``)."""
-
-    torch_type = nn.InstanceNorm2d
-
-
-class InstanceNorm3dOp(_InstanceNormOp):
-    """``nn.InstanceNorm3d`` (see ``_InstanceNormOp``)."""
-
-    torch_type = nn.InstanceNorm3d
+InstanceNorm1dOp, InstanceNorm2dOp, InstanceNorm3dOp = _per_dims(
+    _InstanceNormOp, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d))
 
 
 # ----------------------------------------------------------------------------------------------

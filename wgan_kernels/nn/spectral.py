@@ -293,9 +293,10 @@ class SNConv2d(_SpectralBlock, Conv2d):
 SN_BLOCKS = (SNLinear, SNConv2d)
 
 
-def _sn_block_from(layer: nn.Module, n_power_iterations: int, eps: float, vectors=None) -> nn.Module:
-    """An SN block sharing ``layer``'s weight and bias Parameters (and ``vectors`` = (u, v) when
-    given, else new ones drawn as torch draws them)."""
+def _sn_block_from(layer: nn.Module, n_power_iterations: int, eps: float, vectors=None, weight=None) -> nn.Module:
+    """An SN block sharing ``layer``'s weight (``weight`` when given: an old-style layer's
+    ``weight_orig``) and bias Parameters (and ``vectors`` = (u, v) when given, else new ones
+    drawn as torch draws them)."""
     if isinstance(layer, nn.Linear):
         new = SNLinear(layer.in_features, layer.out_features, layer.bias is not None, device="meta",
                        _vectors=(torch.empty(0), torch.empty(0)))
@@ -303,7 +304,8 @@ def _sn_block_from(layer: nn.Module, n_power_iterations: int, eps: float, vector
         new = SNConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                        layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode, device="meta",
                        _vectors=(torch.empty(0), torch.empty(0)))
-    weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
+    if weight is None:
+        weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
     new.weight, new.bias = weight, layer.bias
     if vectors is None:
         vectors = initial_vectors(new.to_matrix(weight), eps, n_power_iterations if layer.training else 0)
@@ -312,10 +314,31 @@ def _sn_block_from(layer: nn.Module, n_power_iterations: int, eps: float, vector
     return new.train(layer.training)
 
 
+def old_style_spectral_norm(layer: nn.Module):
+    """The ``torch.nn.utils.spectral_norm`` hook of ``layer`` (weight_orig, weight_u, weight_v),
+    or None."""
+    from torch.nn.utils.spectral_norm import SpectralNorm as TorchSpectralNorm  # noqa: PLC0415
+
+    hooks = [h for h in layer._forward_pre_hooks.values() if isinstance(h, TorchSpectralNorm)]
+    return hooks[0] if hooks else None
+
+
 def from_torch_spectral(layer: nn.Module, path: str) -> nn.Module | None:
-    """The SN block for a torch ``Linear`` / ``Conv2d`` carrying exactly one spectral-norm
-    parametrization (torch's or wgan_kernels'), sharing its Parameters and its u, v buffers
-    (so both keep advancing the same vectors); None for any other module."""
+    """The SN block for a torch ``Linear`` / ``Conv2d`` carrying exactly one spectral norm:
+    torch's parametrization or wgan_kernels', sharing its Parameters and its u, v buffers (so
+    both keep advancing the same vectors), or the old ``torch.nn.utils.spectral_norm`` hook
+    (sharing ``weight_orig``, ``weight_u``, ``weight_v``). The old API iterates ``v`` first
+    (``v = normalize(W^T u); u = normalize(W v)``), the parametrization and the SN blocks ``u``
+    first: the blocks continue an old-style layer in the new order (the same sigma at
+    convergence, not the same digits). None for any other module."""
+    old = old_style_spectral_norm(layer)
+    if old is not None:
+        if type(layer) not in (nn.Linear, nn.Conv2d) or old.name != "weight" or len(layer._forward_pre_hooks) != 1:
+            return None
+        if old.dim != 0:
+            raise ValueError(f"{path}: spectral norm with dim={old.dim} is not supported by the SN blocks (dim 0 only)")
+        return _sn_block_from(layer, old.n_power_iterations, old.eps, (layer.weight_u, layer.weight_v),
+                              weight=layer.weight_orig)
     if not parametrize.is_parametrized(layer) or not parametrize.is_parametrized(layer, "weight"):
         return None
     base = type(layer).__bases__[0]
@@ -419,6 +442,11 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
         if isinstance(m, SN_LAYERS) and not isinstance(m, SN_BLOCKS) and parametrize.is_parametrized(m, "weight"):
             raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has a parametrization "
                              "on 'weight' (spectral norm applied twice?)")
+        if isinstance(m, SN_LAYERS) and old_style_spectral_norm(m) is not None:
+            raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has torch.nn.utils."
+                             "spectral_norm (weight_orig, weight_u, weight_v): spectral norm applied twice? Use "
+                             "wgan_kernels.nn.from_torch(critic) to keep it (as SN blocks), or remove it first "
+                             "(torch.nn.utils.remove_spectral_norm)")
     layers = []
     for name, m in named:
         if isinstance(m, SN_BLOCKS):

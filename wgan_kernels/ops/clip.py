@@ -154,35 +154,62 @@ def _check_group(group: dict) -> None:
         group[name] = value
     if group["alpha"] > 1:
         raise ValueError(f"alpha: expected a number in [0, 1], got {group['alpha']!r}")
+    momentum = group.get("momentum", 0.0)
+    if not (type(momentum) is float and 0.0 <= momentum < math.inf):
+        group["momentum"] = finite_number("momentum", momentum, low=0.0)
+    if not isinstance(group.get("centered", False), bool):
+        raise ValueError(f"centered: expected a bool, got {group['centered']!r}")
     clip_value = group["clip_value"]
     if clip_value is not None and not (type(clip_value) is float and 0.0 < clip_value < math.inf):
         group["clip_value"] = _check_clip_value(clip_value)
 
 
 def rmsprop_clip_reference_(params, grads, square_avgs, steps, *, lr: float, alpha: float, eps: float,
-                            weight_decay: float, clip_value: float | None) -> None:
-    """``torch.optim.RMSprop`` (single-tensor path, no momentum, not centered) then a clamp."""
+                            weight_decay: float, clip_value: float | None, momentum: float = 0.0,
+                            momentum_buffers=None, grad_avgs=None) -> None:
+    """``torch.optim.RMSprop`` (its single-tensor path) then a clamp. ``momentum > 0`` updates
+    ``momentum_buffers``; ``grad_avgs`` given: centered (torch's ``centered=True``)."""
     with torch.no_grad():
-        for p, g, s, step in zip(params, grads, square_avgs, steps):
+        for i, (p, g, s, step) in enumerate(zip(params, grads, square_avgs, steps)):
             step += 1
             if weight_decay != 0:
                 g = g.add(p, alpha=weight_decay)
             s.mul_(alpha).addcmul_(g, g, value=1 - alpha)
-            p.addcdiv_(g, s.sqrt().add_(eps), value=-lr)
+            if grad_avgs is not None:
+                grad_avg = grad_avgs[i]
+                grad_avg.lerp_(g, 1 - alpha)
+                avg = s.addcmul(grad_avg, grad_avg, value=-1).sqrt_().add_(eps)
+            else:
+                avg = s.sqrt().add_(eps)
+            if momentum > 0:
+                buf = momentum_buffers[i]
+                buf.mul_(momentum).addcdiv_(g, avg)
+                p.add_(buf, alpha=-lr)
+            else:
+                p.addcdiv_(g, avg, value=-lr)
             if clip_value is not None:
                 c = _clip_bound(clip_value, p.dtype)
                 p.clamp_(-c, c)
+
+
+def _op_of(group: dict) -> str:
+    """The dispatch op of a parameter group: the fused RMSprop + clamp, or its momentum /
+    centered form (reference only)."""
+    return "rmsprop_clip_momentum_" if group.get("momentum", 0.0) > 0 or group.get("centered") else "rmsprop_clip_"
 
 
 class ClippedRMSprop(torch.optim.Optimizer):
     """RMSprop whose ``step()`` also clamps every parameter to ``[-clip_value, clip_value]``,
     in one fused pass over parameters, gradients and state (the original WGAN's critic optimizer).
 
-    The same numbers as ``torch.optim.RMSprop(params, lr, alpha, eps, weight_decay)`` followed by
-    ``p.clamp_(-clip_value, clip_value)``; the same state (``step``, ``square_avg``), so state
-    dicts load both ways (a torch state dict with momentum or ``centered=True`` is refused).
-    ``clip_value=None`` gives plain fused RMSprop. Parameters without a gradient are skipped.
-    ``backend``: ``"auto"`` (default), ``"cpp"`` or ``"reference"``.
+    The same numbers as ``torch.optim.RMSprop(params, lr, alpha, eps, weight_decay, momentum,
+    centered)`` followed by ``p.clamp_(-clip_value, clip_value)``; the same state (``step``,
+    ``square_avg``, ``momentum_buffer``, ``grad_avg``), so state dicts load both ways.
+    ``clip_value=None`` gives plain RMSprop. Parameters without a gradient are skipped.
+    ``backend``: ``"auto"`` (default), ``"cpp"`` or ``"reference"``. The fused kernels cover the
+    original WGAN's optimizer (no momentum, not centered); a group with ``momentum > 0`` or
+    ``centered=True`` runs torch's own RMSprop update and then the clamp (the op
+    ``rmsprop_clip_momentum_`` of ``wgan_kernels._backend``, reference only).
     Checked when the optimizer is built (ValueError naming the argument): the hyper-parameters
     (``lr``, ``eps``, ``weight_decay`` >= 0 and within float32's range, ``alpha`` in [0, 1],
     ``clip_value`` > 0 or None; again at each step, as schedulers edit them), ``backend``, and the
@@ -190,10 +217,12 @@ class ClippedRMSprop(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr: float = 5e-5, alpha: float = 0.99, eps: float = 1e-8,
-                 weight_decay: float = 0, clip_value: float | None = 0.01, *, backend: str | None = None):
-        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, clip_value=clip_value)
+                 weight_decay: float = 0, clip_value: float | None = 0.01, momentum: float = 0.0,
+                 centered: bool = False, *, backend: str | None = None):
+        defaults = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, clip_value=clip_value,
+                        momentum=momentum, centered=centered)
         _check_group(defaults)
-        check_backend("rmsprop_clip_", backend)
+        check_backend(_op_of(defaults), backend)
         self.backend = backend
         # torch.optim.Optimizer raises TypeError, or a ValueError that does not name the argument
         if isinstance(params, torch.Tensor):
@@ -233,11 +262,10 @@ class ClippedRMSprop(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
-            # A torch.optim.RMSprop state dict has no clip_value; it has momentum and centered.
+            # A torch.optim.RMSprop state dict has no clip_value; an older ClippedRMSprop one no momentum.
             group.setdefault("clip_value", self.defaults["clip_value"])
-            if group.get("momentum", 0) != 0 or group.get("centered", False):
-                raise ValueError("state_dict: ClippedRMSprop has no momentum and is not centered; got "
-                                 f"momentum={group.get('momentum')}, centered={group.get('centered')}")
+            group.setdefault("momentum", 0.0)
+            group.setdefault("centered", False)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -257,6 +285,10 @@ class ClippedRMSprop(torch.optim.Optimizer):
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     state["square_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["momentum"] > 0 and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["centered"] and "grad_avg" not in state:
+                    state["grad_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 params.append(p)
                 grads.append(g)
                 square_avgs.append(state["square_avg"])
@@ -266,7 +298,15 @@ class ClippedRMSprop(torch.optim.Optimizer):
             _check_group(group)
             hyper = dict(lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                          weight_decay=group["weight_decay"], clip_value=group["clip_value"])
-            if resolve_tensors("rmsprop_clip_", params, self.backend) == "cpp":
+            if _op_of(group) == "rmsprop_clip_momentum_":
+                resolve_tensors("rmsprop_clip_momentum_", params, self.backend)  # (the reference: checks the name)
+                _check_rmsprop_items(params, grads, square_avgs, steps)
+                rmsprop_clip_reference_(
+                    params, grads, square_avgs, steps, **hyper, momentum=group["momentum"],
+                    momentum_buffers=[self.state[p]["momentum_buffer"] for p in params] if group["momentum"] > 0
+                    else None,
+                    grad_avgs=[self.state[p]["grad_avg"] for p in params] if group["centered"] else None)
+            elif resolve_tensors("rmsprop_clip_", params, self.backend) == "cpp":
                 extension().rmsprop_clip_(params, grads, square_avgs, steps, **hyper)
             else:
                 _check_rmsprop_items(params, grads, square_avgs, steps)

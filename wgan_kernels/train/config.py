@@ -14,6 +14,8 @@ from ..losses import PRESETS, STRATEGIES
 from . import datasets as ds
 
 LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
+# the penalty presets' names (and underscore spellings) for the trainer's losses
+LOSS_ALIASES = {"gp": "wgan-gp", "div": "wgan-div", "wgan_gp": "wgan-gp", "wgan_div": "wgan-div", "sn-gan": "sngan"}
 BACKENDS = ("fused", "eager")
 # The trainer's losses and the penalty presets they use (sampling and weight defaults read from them).
 PENALTY_PRESET = {"wgan-gp": "gp", "wgan-div": "div"}
@@ -44,6 +46,10 @@ class TrainConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if isinstance(self.loss, str):  # one name per loss from here on (checkpoints, metrics, resume)
+            self.loss = LOSS_ALIASES.get(self.loss, self.loss)
+
 
 # What a resumed run may set differently from the run that wrote the checkpoint; every other
 # setting changes the training (or what its metrics mean), so a difference is refused.
@@ -63,8 +69,10 @@ def check(cfg: TrainConfig) -> None:
     """Every field checked, the field named in the error; nothing is substituted silently."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if isinstance(cfg.loss, str):
+        cfg.loss = LOSS_ALIASES.get(cfg.loss, cfg.loss)  # (also when set after construction)
     if cfg.loss not in LOSSES:
-        raise ValueError(f"loss: expected one of {LOSSES}, got {cfg.loss!r}")
+        raise ValueError(f"loss: expected one of {LOSSES} (or {tuple(LOSS_ALIASES)}), got {cfg.loss!r}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
     if not isinstance(cfg.dataset, str):
