@@ -317,3 +317,53 @@ def test_clipped_rmsprop_momentum_argument_checks():
         wk.ClippedRMSprop(p, centered="yes")
     with pytest.raises(ValueError, match="backend: rmsprop_clip_momentum_ has no 'cpp'"):
         wk.ClippedRMSprop(p, momentum=0.9, backend="cpp")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile'd critics
+# ----------------------------------------------------------------------------------------------
+
+
+def test_critic_loss_on_a_compiled_critic():
+    """aot_autograd has no double backward: the input gradient runs the explicit path of the
+    module torch.compile wraps (said once), the loss's forward stays compiled."""
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Linear(3, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    reference = copy.deepcopy(critic)
+    compiled = torch.compile(critic, backend="aot_eager")
+    real, fake = torch.randn(4, 3), torch.randn(4, 3)
+    for penalty in ("gp", "div"):
+        gen = torch.Generator().manual_seed(1)
+        with pytest.warns(UserWarning, match="torch.compile'd critic") if penalty == "gp" else _quiet():
+            loss, _ = wk.critic_loss(compiled, real, fake, penalty=penalty, generator=gen)
+        gen = torch.Generator().manual_seed(1)
+        expected, _ = wk.critic_loss(lambda x: reference(x), real, fake, penalty=penalty, generator=gen)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        loss.backward()
+
+
+class _quiet:
+    def __enter__(self):
+        import warnings
+
+        self._c = warnings.catch_warnings()
+        self._c.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *a):
+        return self._c.__exit__(*a)
+
+
+def test_a_compiled_critic_without_an_explicit_path_says_why():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h * 2 if h.sum() > 0 else h
+
+    compiled = torch.compile(Branchy(), backend="aot_eager")
+    with pytest.raises(ValueError, match="torch.compile'd critic needs the explicit"):
+        wk.critic_loss(compiled, torch.randn(4, 3), torch.randn(4, 3), penalty="gp")

@@ -241,14 +241,30 @@ def _explicit(critic, x):
         return critic.forward_with_input_grad(x)
     if not isinstance(critic, torch.nn.Module):
         return None
-    traced = traced_critic(critic)
+    compiled = type(critic).__name__ == "OptimizedModule" and isinstance(getattr(critic, "_orig_mod", None),
+                                                                          torch.nn.Module)
+    if compiled:  # aot_autograd has no double backward: the input gradient of the module it compiled
+        inner = critic._orig_mod
+        traced = traced_critic(inner)
+        if "compiled" not in traced.noted:
+            traced.noted.add("compiled")
+            warnings.warn("wgan_kernels: a torch.compile'd critic: its input gradient (the penalty) runs the explicit "
+                          "path of the module it wraps, uncompiled (torch.compile's aot_autograd has no double "
+                          "backward); the loss's own forward stays compiled", UserWarning, stacklevel=4)
+        if supports_input_grad(inner):
+            return inner.forward_with_input_grad(x)
+    else:
+        traced = traced_critic(critic)
     try:
-        if type(critic).__name__ in _WRAPPERS:
-            raise Unsupported(f"{type(critic).__name__} wraps the critic, and its forward (gradient synchronisation, "
-                              "compilation) would be skipped by the explicit path")
+        if type(critic).__name__ in _WRAPPERS and not compiled:
+            raise Unsupported(f"{type(critic).__name__} wraps the critic, and its forward (gradient synchronisation) "
+                              "would be skipped by the explicit path")
         return traced.forward_with_input_grad(x)
     except Unsupported as e:
         reason = str(e)
+        if compiled:
+            raise ValueError(f"critic: a torch.compile'd critic needs the explicit input-gradient path (aot_autograd "
+                             f"has no double backward), which its module does not have: {reason}") from None
         if reason not in traced.noted:
             traced.noted.add(reason)
             warnings.warn(f"wgan_kernels: {type(critic).__name__} takes autograd's double backward for the gradient "
