@@ -193,3 +193,24 @@ def test_blocks_on_the_mask_path_match_the_aten_path(critic_name, monkeypatch, g
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
     for (name, _), a, e in zip(critic.named_parameters(), actual[2], expected[2]):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12, msg=f"{critic_name}: d loss / d {name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(2, 3, 16, 17), (1, 2, 40, 40)], ids=str)
+@pytest.mark.parametrize("device,dtype", CASES, ids=str)
+def test_bias_on_planes_takes_the_channel_aware_grid(monkeypatch, device, dtype, shape, gen):
+    """Planes of 256+ values with a bias: one program per (sample, channel) block, the bias one
+    scalar per program; the same numbers as the reference."""
+    from conftest import LaunchGrids
+
+    kernel = LaunchGrids(act._leaky_relu_mask_kernel)
+    monkeypatch.setattr(act, "_leaky_relu_mask_kernel", kernel)
+    x = away_from_zero(shape, gen, dtype, device)
+    bias = (torch.randn(shape[1], generator=gen, dtype=torch.float64) * 0.5).to(device=device, dtype=dtype)
+    y, mask = leaky_relu_with_mask(x, 0.2, bias, backend="triton")
+    ry, rmask = leaky_relu_with_mask_reference(x, 0.2, bias)
+    inner = shape[2] * shape[3]
+    block = min(1024, 1 << (inner - 1).bit_length())
+    assert kernel.grids == [(shape[0] * shape[1], -(-inner // block))]
+    assert torch.equal(mask, rmask)
+    torch.testing.assert_close(y, ry, **tol(dtype), msg=f"leaky_relu_with_mask triton planes {shape} {dtype}")

@@ -136,3 +136,37 @@ def test_custom_ops_opcheck(gen):
     torch.library.opcheck(_penalty_forward_cpu, (g, 2.0, 0.0, 6.0, False, EPS))
     _, norms = _penalty_forward_cpu(g, 2.0, 0.0, 6.0, False, EPS)
     torch.library.opcheck(_penalty_backward_cpu, (g, norms, torch.tensor(1.5), 2.0, 0.0, 6.0, False, EPS))
+
+
+@pytest.mark.skipif(not available("triton", "cpu"), reason="Triton cannot run on CPU tensors here (no TRITON_INTERPRET)")
+@pytest.mark.parametrize("split_cols", [None, 64], ids=["rows-of-9000", "chunks-of-64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("spec", ["gp", "gp-one-sided", "div", "odd"])
+def test_long_rows_split_across_programs(monkeypatch, split_cols, dtype, spec, gen):
+    """Rows longer than _SPLIT_COLS: partial sums by several programs per row, then the norms and
+    phi in a second launch; the same numbers as the reference (and the one-pass kernel)."""
+    from conftest import LaunchGrids
+
+    from wgan_kernels.ops import penalty
+
+    shape = (2, 9000) if split_cols is None else (5, 3, 67)  # 9000 > 8192; 201 values in 4 chunks of 64
+    if split_cols is not None:
+        monkeypatch.setattr(penalty, "_SPLIT_COLS", split_cols)
+    partial = LaunchGrids(penalty._penalty_partial_kernel)
+    monkeypatch.setattr(penalty, "_penalty_partial_kernel", partial)
+    kw = SPECS[spec]
+    g = shaped(shape, "cpu", dtype, gen, scale=1.3 / (shape[1] * shape[-1]) ** 0.5).requires_grad_(True)
+    out, norms = grad_norm_penalty_and_norms(g, backend="triton", **kw)
+    g64 = g.detach().double().requires_grad_(True)
+    ref = grad_norm_penalty_reference(g64, **kw)
+    assert partial.grids == [(shape[0], 2 if split_cols is None else 4)]
+    msg = f"grad_norm_penalty triton split rows {spec} {shape} {dtype}"
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=rtol, atol=1e-7, msg=msg)
+    torch.testing.assert_close(norms.double(), g64.detach().flatten(1).norm(dim=1), rtol=rtol, atol=1e-7, msg=msg)
+    (grad,) = torch.autograd.grad(out, g)
+    (grad_ref,) = torch.autograd.grad(ref, g64)
+    t = tol(dtype)
+    torch.testing.assert_close(grad.double(), grad_ref.to(dtype).double(), rtol=max(t["rtol"], 1e-5),
+                               atol=max(t["atol"], 1e-6) * max(1.0, grad_ref.abs().max().item()),
+                               msg=lambda m: f"{msg} backward: {m}")

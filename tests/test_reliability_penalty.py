@@ -284,7 +284,8 @@ for ptr, f64 in (("*fp32", False), ("*fp64", True)):
             {"ONE_SIDED": True, "MODE": 2, "BLOCK": 16})),
         "masked_scale": (1, ttir(activation._masked_scale_kernel, {
             "g_ptr": ptr, "mask_ptr": "*u8", "out_ptr": ptr, "n": "i32", "slope_arg": "float",
-            "F64": "constexpr", "BLOCK": "constexpr"}, {"F64": f64, "BLOCK": 16})),
+            "INDEX64": "constexpr", "F64": "constexpr", "BLOCK": "constexpr"},
+            {"INDEX64": False, "F64": f64, "BLOCK": 16})),
     }
     for name, (args, ir) in kernels.items():
         params = ir[ir.index("tt.func"):].split("{", 1)[0]

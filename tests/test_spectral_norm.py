@@ -429,3 +429,52 @@ def test_power_iteration_custom_op_opcheck(gen):
     us = [F.normalize(torch.randn(w.shape[0], generator=gen), dim=0) for w in weights]
     vs = [F.normalize(torch.randn(w.shape[1], generator=gen), dim=0) for w in weights]
     torch.library.opcheck(_power_iteration_op, (weights, us, vs, 2, 1e-12, backend))
+
+
+def aligned_problem(device, dtype, gen):
+    """Contiguous weights whose rows are 16-byte aligned (the launch group's ALIGN > 1)."""
+    weights = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((40, 192), (24, 160), (9, 16))]
+    us = [F.normalize(torch.randn(w.shape[0], generator=gen, dtype=torch.float64), dim=0) for w in weights]
+    vs = [F.normalize(torch.randn(w.shape[1], generator=gen, dtype=torch.float64), dim=0) for w in weights]
+    return [[t.to(device=device, dtype=dtype) for t in ts] for ts in (weights, us, vs)]
+
+
+@pytest.mark.skipif(not available("triton", "cpu"), reason="Triton cannot run on CPU tensors here (no TRITON_INTERPRET)")
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split"])
+@pytest.mark.parametrize("problem", [mixed_problem, aligned_problem], ids=["mixed", "aligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_power_iteration_split_and_fused_paths(monkeypatch, split, problem, dtype, gen):
+    """The split path (forced at small sizes: every weight is 'large', ranges of about 64 values of
+    W) gives several programs per weight and the reference's numbers, as the fused path does."""
+    from conftest import LaunchGrids
+
+    from wgan_kernels.ops import spectral_norm as sn
+
+    if split:
+        monkeypatch.setattr(sn, "_SPLIT_NUMEL", 0)
+        monkeypatch.setattr(sn, "_PROGRAM_NUMEL", 64)
+    launches = {name: LaunchGrids(getattr(sn, name)) for name in (
+        "_power_iteration_kernel", "_power_iteration_rows_kernel", "_power_iteration_cols_kernel",
+        "_power_iteration_finish_kernel")}
+    for name, recorder in launches.items():
+        monkeypatch.setattr(sn, name, recorder)
+    weights, us, vs = problem("cpu", dtype, gen)
+    ref_u, ref_v = clones(us), clones(vs)
+    expected = power_iteration_reference_(weights, ref_u, ref_v, 3, 1e-12)
+    got = power_iteration_(weights, us, vs, 3, backend="triton")
+    n = len(weights)
+    if split:
+        assert launches["_power_iteration_kernel"].grids == []
+        assert len(launches["_power_iteration_rows_kernel"].grids) == 3  # one per iteration
+        assert len(launches["_power_iteration_cols_kernel"].grids) == 3
+        assert launches["_power_iteration_rows_kernel"].grids[0][0] > n
+        assert launches["_power_iteration_cols_kernel"].grids[0][0] > n
+        assert launches["_power_iteration_finish_kernel"].grids == [(n,)]
+    else:
+        assert launches["_power_iteration_kernel"].grids == [(n,)]
+        assert launches["_power_iteration_rows_kernel"].grids == []
+    for i in range(n):
+        what = f"power_iteration_ triton {'split' if split else 'fused'} {dtype} weights[{i}] {tuple(weights[i].shape)}"
+        torch.testing.assert_close(got[i], expected[i], **tol(dtype), msg=lambda m: f"{what} sigma: {m}")
+        torch.testing.assert_close(us[i], ref_u[i], **tol(dtype), msg=lambda m: f"{what} u: {m}")
+        torch.testing.assert_close(vs[i], ref_v[i], **tol(dtype), msg=lambda m: f"{what} v: {m}")

@@ -16,7 +16,18 @@ def _cmd_info(args) -> int:
     from .info import collect, format_info
 
     print(format_info(collect()))
-    return 0
+    if not args.kernels:
+        return 0
+    from . import kernel_report
+
+    print("\nTriton kernels compiled for " + ", ".join(f"sm_{a}" for a in args.arch.split(",")) + " (no GPU needed):",
+          flush=True)
+    forwarded = ["--arch", args.arch] + (["--jobs", str(args.jobs)] if args.jobs else [])
+    for flag in ("json", "write", "readme"):
+        if getattr(args, flag) is not None:
+            forwarded += [f"--{flag}", str(getattr(args, flag))]
+    forwarded += ["--check"] * args.check + ["--quiet"] * args.quiet
+    return kernel_report.main(forwarded)
 
 
 SUITES = {"clip": "bench_clip.py", "penalty": "bench_penalty.py", "spectral_norm": "bench_spectral_norm.py",
@@ -196,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wgan-kernels", description="Fused kernels for Wasserstein GAN critics")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="versions, the extension's build, and which backend each op uses here")
+    info.add_argument("--kernels", action="store_true",
+                      help="also compile every Triton kernel for sm_80/sm_90 (no GPU needed; about a minute the first "
+                           "time, cached after) and print registers, spills, shared memory and the widest loads per "
+                           "kernel, and the same for the CUDA extension's kernels")
+    from .kernel_report import add_arguments
+
+    add_arguments(info.add_argument_group("with --kernels"))
     info.set_defaults(func=_cmd_info)
     from .train import DATASETS, LOSSES
     from .train.config import LOSS_ALIASES

@@ -28,7 +28,7 @@ import torch
 
 from .._backend import BACKENDS, compiling, resolve
 from .._checks import FLOAT32_MAX, acc_dtype, check_float_dtype, finite_real
-from .._triton import tl, triton
+from .._triton import next_power_of_2, tl, triton
 
 __all__ = ["leaky_relu_with_mask", "leaky_relu_with_mask_reference", "masked_scale", "masked_scale_reference"]
 
@@ -101,36 +101,69 @@ def masked_scale_reference(g, mask, negative_slope: float):
 
 if triton is not None:
     # slope is annotated tl.float64 (a bare Python float would reach a compiled kernel as float32,
-    # inexact for float64 input) and converted once to the compute type.
+    # inexact for float64 input) and converted once to the compute type. Offsets are 32-bit unless
+    # the tensor has 2^31 - BLOCK elements or more (INDEX64): 64-bit integer division costs tens of
+    # instructions per element, and the flat bias path divides twice.
 
     @triton.jit
     def _leaky_relu_mask_kernel(x_ptr, b_ptr, y_ptr, mask_ptr, n, inner, channels, slope_arg: tl.float64,
-                                HAS_BIAS: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr):
+                                HAS_BIAS: tl.constexpr, PLANES: tl.constexpr, INDEX64: tl.constexpr,
+                                F64: tl.constexpr, BLOCK: tl.constexpr):
+        # PLANES (with a bias, planes of `inner` values): a channel-aware grid, program (plane, block)
+        # with plane = sample * channels + channel, so the bias is one scalar per program; otherwise
+        # a flat grid over the n values, the channel (offs // inner) % channels per value.
         acc_t = tl.float64 if F64 else tl.float32
         slope = tl.full([], slope_arg, acc_t)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < n
+        if PLANES:
+            plane = tl.program_id(0)
+            within = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+            inside = within < inner
+            if INDEX64:
+                offs = plane.to(tl.int64) * inner + within
+            else:
+                offs = plane * inner + within
+        else:
+            if INDEX64:
+                offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            else:
+                offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+            inside = offs < n
         x = tl.load(x_ptr + offs, mask=inside, other=0.0)
         z = x.to(acc_t)
         if HAS_BIAS:
-            c = (offs // inner) % channels
-            z = (z + tl.load(b_ptr + c, mask=inside, other=0.0).to(acc_t)).to(x.dtype).to(acc_t)
+            if PLANES:
+                b = tl.load(b_ptr + plane % channels)
+            else:
+                b = tl.load(b_ptr + (offs // inner) % channels, mask=inside, other=0.0)
+            z = (z + b.to(acc_t)).to(x.dtype).to(acc_t)
         positive = z > 0
         y = tl.where(positive, z, z * slope)
         tl.store(y_ptr + offs, y.to(x.dtype), mask=inside)
         tl.store(mask_ptr + offs, positive.to(tl.uint8), mask=inside)
 
     @triton.jit
-    def _masked_scale_kernel(g_ptr, mask_ptr, out_ptr, n, slope_arg: tl.float64, F64: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _masked_scale_kernel(g_ptr, mask_ptr, out_ptr, n, slope_arg: tl.float64, INDEX64: tl.constexpr,
+                             F64: tl.constexpr, BLOCK: tl.constexpr):
         acc_t = tl.float64 if F64 else tl.float32
         slope = tl.full([], slope_arg, acc_t)
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        if INDEX64:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < n
         g = tl.load(g_ptr + offs, mask=inside, other=0.0).to(acc_t)
         m = tl.load(mask_ptr + offs, mask=inside, other=0)
         out = tl.where(m != 0, g, g * slope)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# The bias path takes the channel-aware grid for planes of at least this many values (below, a
+# block would be mostly masked off); a plane's block is then the plane's size up to _BLOCK.
+_PLANE_MIN = 256
+
+
+def _index64(n: int) -> bool:
+    return n + _BLOCK > 2**31 - 1
 
 
 def _triton_leaky_relu_mask(x, bias, slope):
@@ -141,9 +174,11 @@ def _triton_leaky_relu_mask(x, bias, slope):
     inner = 1 if x.dim() < 3 else x[0, 0].numel()
     channels = x.shape[1] if x.dim() >= 2 else 1
     b = bias.contiguous() if bias is not None else x  # unused pointer when there is no bias
-    _leaky_relu_mask_kernel[(triton.cdiv(n, _BLOCK),)](x, b, y, mask, n, inner, channels, slope,
-                                                        HAS_BIAS=bias is not None, F64=x.dtype == torch.float64,
-                                                        BLOCK=_BLOCK)
+    planes = bias is not None and inner >= _PLANE_MIN and triton.cdiv(inner, _BLOCK) <= 65535  # (grid dim 1 limit)
+    block = min(_BLOCK, next_power_of_2(inner)) if planes else _BLOCK
+    grid = (n // inner, triton.cdiv(inner, block)) if planes else (triton.cdiv(n, block),)
+    _leaky_relu_mask_kernel[grid](x, b, y, mask, n, inner, channels, slope, HAS_BIAS=bias is not None, PLANES=planes,
+                                  INDEX64=_index64(n), F64=x.dtype == torch.float64, BLOCK=block)
     return y, mask.view(torch.bool)
 
 
@@ -152,7 +187,7 @@ def _triton_masked_scale(g, mask, slope):
     out = torch.empty_like(g)
     n = g.numel()
     _masked_scale_kernel[(triton.cdiv(n, _BLOCK),)](g, mask.contiguous().view(torch.uint8), out, n, slope,
-                                                     F64=g.dtype == torch.float64, BLOCK=_BLOCK)
+                                                     INDEX64=_index64(n), F64=g.dtype == torch.float64, BLOCK=_BLOCK)
     return out
 
 

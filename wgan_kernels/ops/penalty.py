@@ -7,7 +7,8 @@ for the presets.
 
 Layers (one file): Triton kernels (CUDA) / the extension's CPU kernel (``csrc/cpu/penalty.cpp``)
 do the forward (norms + penalty) and the backward (a per-row scale times the row) in one pass
-each, accumulating in float32 (float64 for float64 input); ``_GradNormPenalty`` is the autograd
+over the gradients each (the Triton forward splits long rows across programs, then finishes the
+norms in one small launch), accumulating in float32 (float64 for float64 input); ``_GradNormPenalty`` is the autograd
 Function, whose backward is itself a Function (``_GradNormPenaltyGrad``) with an analytic,
 differentiable backward, so the op is twice (and more) differentiable; ``grad_norm_penalty_reference``
 is the plain-PyTorch oracle.
@@ -126,23 +127,58 @@ if triton is not None:
         return tl.where(x > 0, tl.exp2(e * tl.log2(tl.maximum(x, 1e-30))), x * 0.0)
 
     @triton.jit
+    def _phi_device(n, center_arg, p_arg, ONE_SIDED: tl.constexpr):
+        # |n - center|^p, or max(0, n - center)^p, in n's dtype
+        d = n - tl.full([], center_arg, n.dtype)
+        d = tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL) if ONE_SIDED else tl.abs(d)
+        return _pow_pos(d, tl.full([], p_arg, n.dtype))
+
+    @triton.jit
     def _penalty_fwd_kernel(g_ptr, norms_ptr, phi_ptr, cols, center_arg: tl.float64, p_arg: tl.float64,
                             ONE_SIDED: tl.constexpr, ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
+        # one program per row (rows of up to _SPLIT_COLS values)
         row = tl.program_id(0).to(tl.int64)
         base = g_ptr + row * cols
         acc_t = tl.float64 if ACC_F64 else tl.float32
-        center = tl.full([], center_arg, acc_t)
-        p = tl.full([], p_arg, acc_t)
         acc = tl.zeros([BLOCK], dtype=acc_t)
         for start in range(0, cols, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             x = tl.load(base + offs, mask=offs < cols, other=0.0).to(acc_t)
             acc += x * x
         n = tl.sqrt(tl.sum(acc, axis=0))
-        d = n - center
-        d = tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL) if ONE_SIDED else tl.abs(d)
         tl.store(norms_ptr + row, n)
-        tl.store(phi_ptr + row, _pow_pos(d, p))
+        tl.store(phi_ptr + row, _phi_device(n, center_arg, p_arg, ONE_SIDED))
+
+    @triton.jit
+    def _penalty_partial_kernel(g_ptr, partial_ptr, cols, chunk, ACC_F64: tl.constexpr, BLOCK: tl.constexpr):
+        # long rows: program (row, j) sums the squares of values [j * chunk, (j + 1) * chunk) of the
+        # row into partial[row, j] (chunk is a multiple of BLOCK)
+        row = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        base = g_ptr + row * cols + j.to(tl.int64) * chunk
+        left = cols - j.to(tl.int64) * chunk
+        acc_t = tl.float64 if ACC_F64 else tl.float32
+        acc = tl.zeros([BLOCK], dtype=acc_t)
+        for start in range(0, chunk, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(base + offs, mask=offs < left, other=0.0).to(acc_t)
+            acc += x * x
+        tl.store(partial_ptr + row * tl.num_programs(1) + j, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _penalty_finish_kernel(partial_ptr, norms_ptr, phi_ptr, rows, splits, center_arg: tl.float64,
+                               p_arg: tl.float64, ONE_SIDED: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_SPLITS: tl.constexpr):
+        # long rows: norm and phi of BLOCK_ROWS rows from their partial sums (in the partials' dtype)
+        r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        sq = tl.zeros([BLOCK_ROWS], dtype=partial_ptr.dtype.element_ty)
+        for j0 in range(0, splits, BLOCK_SPLITS):
+            j = j0 + tl.arange(0, BLOCK_SPLITS)
+            mask = (r[:, None] < rows) & (j[None, :] < splits)
+            sq += tl.sum(tl.load(partial_ptr + r[:, None] * splits + j[None, :], mask=mask, other=0.0), axis=1)
+        n = tl.sqrt(sq)
+        tl.store(norms_ptr + r, n, mask=r < rows)
+        tl.store(phi_ptr + r, _phi_device(n, center_arg, p_arg, ONE_SIDED), mask=r < rows)
 
     @triton.jit
     def _penalty_bwd_kernel(g_ptr, out_ptr, norms_ptr, grad_out_ptr, cols, weight_over_rows_arg: tl.float64,
@@ -163,7 +199,8 @@ if triton is not None:
             if ONE_SIDED:
                 dphi = p * _pow_pos(tl.maximum(d, 0.0, propagate_nan=tl.PropagateNan.ALL), p - 1.0)
             else:
-                dphi = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0)) * p * _pow_pos(tl.abs(d), p - 1.0)
+                sign = (d > 0).to(acc_t) - (d < 0).to(acc_t)  # in acc_t: no float32 value in a float64 kernel
+                dphi = sign * p * _pow_pos(tl.abs(d), p - 1.0)
             a = dphi / tl.maximum(n, tl.full([], eps_arg, acc_t))
         c = tl.load(grad_out_ptr).to(acc_t) * tl.full([], weight_over_rows_arg, acc_t) * a
         mask = offs < cols
@@ -171,25 +208,50 @@ if triton is not None:
         tl.store(out_ptr + row * cols + offs, (c * x.to(acc_t)).to(x.dtype), mask=mask)
 
 
+# Rows longer than this are split across programs (a partial sum each, then one small launch for
+# the norms and phi): one program per row would leave most of a GPU idle at batch 64.
+_SPLIT_COLS = 8192
+# Block sizes: a few fixed ones (each variant compiled and checked for spills by
+# tests/test_triton_compile.py), not one per power of two.
+_SPLIT_BLOCK = 4096
+_FINISH_TILE = (64, 16)  # rows x partial sums per step of the finishing launch
+
+
+def _block(cols: int, largest: int) -> int:
+    """128, 1024 or ``largest`` values per step: the smallest that covers ``cols``, else ``largest``."""
+    return next((b for b in (128, 1024) if cols <= b < largest), largest)
+
+
 def _triton_forward(g2, center, p, one_sided):
     rows, cols = g2.shape
     acc = acc_dtype(g2.dtype)
     norms = torch.empty(rows, device=g2.device, dtype=acc)
     phi = torch.empty(rows, device=g2.device, dtype=acc)
-    block = min(next_power_of_2(max(cols, 16)), 4096)
-    _penalty_fwd_kernel[(rows,)](g2, norms, phi, cols, center, p, ONE_SIDED=one_sided, ACC_F64=acc == torch.float64,
-                                 BLOCK=block)
+    if cols <= _SPLIT_COLS:
+        _penalty_fwd_kernel[(rows,)](g2, norms, phi, cols, center, p, ONE_SIDED=one_sided,
+                                     ACC_F64=acc == torch.float64, BLOCK=_block(cols, 4096))
+        return phi, norms
+    block = min(_SPLIT_BLOCK, next_power_of_2(_SPLIT_COLS))
+    chunk = triton.cdiv(max(_SPLIT_COLS, triton.cdiv(cols, 65535)), block) * block  # grid dim 1 <= 65535
+    splits = triton.cdiv(cols, chunk)
+    partial = torch.empty(rows, splits, device=g2.device, dtype=acc)
+    _penalty_partial_kernel[(rows, splits)](g2, partial, cols, chunk, ACC_F64=acc == torch.float64, BLOCK=block)
+    block_rows, block_splits = _FINISH_TILE
+    _penalty_finish_kernel[(triton.cdiv(rows, block_rows),)](partial, norms, phi, rows, splits, center, p,
+                                                             ONE_SIDED=one_sided, BLOCK_ROWS=block_rows,
+                                                             BLOCK_SPLITS=block_splits)
     return phi, norms
 
 
 def _triton_backward(g2, norms, grad_out, weight, center, p, one_sided):
     rows, cols = g2.shape
     out = torch.empty_like(g2)
-    block = min(next_power_of_2(max(cols, 16)), 1024)
+    block = _block(cols, 1024)
     mode = 0 if (center == 0 and p == 2) else (1 if (center == 0 and p > 2) else 2)
     grid = (rows, triton.cdiv(cols, block))
+    # one_sided only matters in MODE 2 (at center 0 both forms are n^p): one variant fewer to compile
     _penalty_bwd_kernel[grid](g2, out, norms, grad_out.reshape(1).to(norms.dtype), cols, weight / rows, center, p, EPS,
-                              ONE_SIDED=one_sided, MODE=mode, BLOCK=block)
+                              ONE_SIDED=one_sided and mode == 2, MODE=mode, BLOCK=block)
     return out
 
 

@@ -6,8 +6,9 @@ with ``normalize(x) = x / max(||x||, eps)``, then ``sigma = u . (W v)`` and the 
 sigma is differentiable w.r.t. W only (u and v are constants: d sigma / dW = u v^T).
 
 Layers (one file):
-  - kernels: a Triton kernel (CUDA; CPU under ``TRITON_INTERPRET=1``), one program per weight and
-    ONE launch per (device, dtype) group of weights, reading pointer / shape / stride tables; the
+  - kernels: Triton kernels (CUDA; CPU under ``TRITON_INTERPRET=1``) reading pointer / shape /
+    stride tables: ONE launch per (device, dtype) group of small weights (one program per weight),
+    or, when a weight is large, 2 launches per iteration with several programs per weight; the
     extension's CPU kernel (``csrc/cpu/spectral_norm.cpp``, ``wgan_kernels._C.power_iteration_``).
     Both accumulate in float32 (float64 for float64 weights) and return sigma.
   - ``_Sigmas``: the autograd Function that attaches a kernel's sigmas to their W (gradient
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from .._backend import compiling, extension, resolve
 from .._checks import (SELF_OVERLAPPING, acc_dtype, check_backend, check_float_dtype, check_not_inference, finite_number,
                        has_internal_overlap, overlapping_pair, positive_int, tensor_list)
-from .._triton import next_power_of_2, tl, triton
+from .._triton import tl, triton
 
 __all__ = [
     "initial_vectors",
@@ -128,32 +129,77 @@ def power_iteration_reference_(weights, us, vs, n_power_iterations: int = 1, eps
     return [sigma_at(w, u, v) for w, u, v in zip(weights, us, vs)]
 
 
-# ----------------------------------------------------------------------------- Triton kernel
+# ----------------------------------------------------------------------------- Triton kernels
 
 # One row of int64 per weight in the launch table (see _triton_power_iteration):
 #   W address, u address, v address, rows, cols, W stride 0, W stride 1, u stride, v stride,
-#   offset of this weight's rows + cols values in the float32 (float64) workspace.
+#   offsets of this weight's t (rows values) and s (cols values) in the float32 (float64) workspace.
 # Addresses (not a concatenated copy) let one launch cover weights of any shapes and strides.
+#
+# Two ways through a launch group (``_SPLIT_NUMEL`` picks):
+#   - fused (small weights): ONE launch, one program per weight running every iteration;
+#   - split (a weight of more than _SPLIT_NUMEL values): per iteration one launch for t = W v and
+#     one for s = W^T u, each with several programs per large weight (a work list of (weight, first,
+#     last) row or column ranges of about _PROGRAM_NUMEL values of W each), then one launch that
+#     writes u, v and sigma. A program recomputes the norm it needs from the workspace (rows or
+#     cols values, against its own range x cols or rows values of W).
+# Constexprs: ROW_CONTIG when every W has unit column stride (the address then needs no stride
+# multiply), and ALIGN (elements, a power of two up to 16 bytes) dividing every W's address, row
+# stride and column count, so that rows are read ALIGN values (up to 16 bytes) at a time.
 
 if triton is not None:
 
     @triton.jit
-    def _power_iteration_kernel(table_ptr, ws_ptr, sigma_ptr, n_iterations, eps, ELEM: tl.constexpr,
-                                ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # One program per weight. The workspace holds t = W v (rows values) then s = W^T u (cols
-        # values) in the accumulation dtype; the current u is t / c and v is s / d.
-        entry = table_ptr + tl.program_id(0) * 10
-        w_ptr = tl.load(entry + 0).to(tl.pointer_type(ELEM))
+    def _weight_entry(table_ptr, k, ELEM: tl.constexpr, ALIGN: tl.constexpr, INDEX64: tl.constexpr):
+        # weight k's row of the table; sizes, strides and offsets as int32 unless INDEX64
+        entry = table_ptr + k * 11
+        # (the hint goes on the pointer: int_to_ptr does not carry an integer's divisibility)
+        w_ptr = tl.multiple_of(tl.load(entry + 0).to(tl.pointer_type(ELEM)), ALIGN * ELEM.primitive_bitwidth // 8)
         u_ptr = tl.load(entry + 1).to(tl.pointer_type(ELEM))
         v_ptr = tl.load(entry + 2).to(tl.pointer_type(ELEM))
-        rows = tl.load(entry + 3)
-        cols = tl.load(entry + 4)
-        w_stride0 = tl.load(entry + 5)
-        w_stride1 = tl.load(entry + 6)
-        u_stride = tl.load(entry + 7)
-        v_stride = tl.load(entry + 8)
-        t_ptr = ws_ptr + tl.load(entry + 9)
-        s_ptr = t_ptr + rows
+        index_t = tl.int64 if INDEX64 else tl.int32
+        rows = tl.load(entry + 3).to(index_t)
+        cols = tl.multiple_of(tl.load(entry + 4).to(index_t), ALIGN)
+        w_stride0 = tl.multiple_of(tl.load(entry + 5).to(index_t), ALIGN)
+        w_stride1 = tl.load(entry + 6).to(index_t)
+        u_stride = tl.load(entry + 7).to(index_t)
+        v_stride = tl.load(entry + 8).to(index_t)
+        t_offset = tl.load(entry + 9).to(index_t)
+        s_offset = tl.load(entry + 10).to(index_t)
+        return w_ptr, u_ptr, v_ptr, rows, cols, w_stride0, w_stride1, u_stride, v_stride, t_offset, s_offset
+
+    @triton.jit
+    def _w_tile(w_ptr, om, on, rows, cols, w_stride0, w_stride1, ROW_CONTIG: tl.constexpr):
+        # W[om, on] (0 outside), in W's dtype
+        mask = (om[:, None] < rows) & (on[None, :] < cols)
+        if ROW_CONTIG:
+            ptrs = w_ptr + om[:, None] * w_stride0 + on[None, :]
+        else:
+            ptrs = w_ptr + om[:, None] * w_stride0 + on[None, :] * w_stride1
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+    @triton.jit
+    def _inverse_norm(x_ptr, n, eps, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        # (1 / max(||x||, eps), ||x||^2) of n workspace values
+        sq = tl.zeros((BLOCK,), ACC)
+        for i0 in range(0, n, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+            sq += x * x
+        total = tl.sum(sq, axis=0)
+        return 1.0 / tl.maximum(tl.sqrt(total), eps), total
+
+    @triton.jit
+    def _power_iteration_kernel(table_ptr, ws_ptr, sigma_ptr, n_iterations, eps_arg: tl.float64,
+                                ELEM: tl.constexpr, ACC: tl.constexpr, ROW_CONTIG: tl.constexpr, ALIGN: tl.constexpr,
+                                INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Fused: one program per weight, every iteration. The workspace holds t = W v (rows values)
+        # and s = W^T u (cols values) in the accumulation dtype; the current u is t / c, v is s / d.
+        w_ptr, u_ptr, v_ptr, rows, cols, w_stride0, w_stride1, u_stride, v_stride, t_offset, s_offset = \
+            _weight_entry(table_ptr, tl.program_id(0), ELEM, ALIGN, INDEX64)
+        eps = tl.full((), eps_arg, ACC)
+        t_ptr = ws_ptr + t_offset
+        s_ptr = ws_ptr + s_offset
         offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
 
@@ -161,8 +207,8 @@ if triton is not None:
             on = n0 + offs_n
             tl.store(s_ptr + on, tl.load(v_ptr + on * v_stride, mask=on < cols, other=0.0).to(ACC), mask=on < cols)
         tl.debug_barrier()
-        c = tl.full((), 1.0, ACC)
-        d = tl.full((), 1.0, ACC)
+        inv_c = tl.full((), 1.0, ACC)
+        inv_d = tl.full((), 1.0, ACC)
         s_sq = tl.zeros((), ACC)
         for _ in range(n_iterations):
             # t = W v, with v = s / d
@@ -172,13 +218,12 @@ if triton is not None:
                 acc = tl.zeros((BLOCK_M,), ACC)
                 for n0 in range(0, cols, BLOCK_N):
                     on = n0 + offs_n
-                    mask = (om[:, None] < rows) & (on[None, :] < cols)
-                    w = tl.load(w_ptr + om[:, None] * w_stride0 + on[None, :] * w_stride1, mask=mask, other=0.0)
-                    v = tl.load(s_ptr + on, mask=on < cols, other=0.0) / d
+                    w = _w_tile(w_ptr, om, on, rows, cols, w_stride0, w_stride1, ROW_CONTIG)
+                    v = tl.load(s_ptr + on, mask=on < cols, other=0.0) * inv_d
                     acc += tl.sum(w.to(ACC) * v[None, :], axis=1)
                 tl.store(t_ptr + om, acc, mask=om < rows)
                 t_sq += tl.sum(acc * acc, axis=0)
-            c = tl.maximum(tl.sqrt(t_sq), eps)
+            inv_c = 1.0 / tl.maximum(tl.sqrt(t_sq), eps)
             tl.debug_barrier()
             # s = W^T u, with u = t / c
             s_sq = tl.zeros((), ACC)
@@ -187,48 +232,203 @@ if triton is not None:
                 acc = tl.zeros((BLOCK_N,), ACC)
                 for m0 in range(0, rows, BLOCK_M):
                     om = m0 + offs_m
-                    mask = (om[:, None] < rows) & (on[None, :] < cols)
-                    w = tl.load(w_ptr + om[:, None] * w_stride0 + on[None, :] * w_stride1, mask=mask, other=0.0)
-                    u = tl.load(t_ptr + om, mask=om < rows, other=0.0) / c
+                    w = _w_tile(w_ptr, om, on, rows, cols, w_stride0, w_stride1, ROW_CONTIG)
+                    u = tl.load(t_ptr + om, mask=om < rows, other=0.0) * inv_c
                     acc += tl.sum(w.to(ACC) * u[:, None], axis=0)
                 tl.store(s_ptr + on, acc, mask=on < cols)
                 s_sq += tl.sum(acc * acc, axis=0)
-            d = tl.maximum(tl.sqrt(s_sq), eps)
+            inv_d = 1.0 / tl.maximum(tl.sqrt(s_sq), eps)
             tl.debug_barrier()
 
         for m0 in range(0, rows, BLOCK_M):  # u = t / c
             om = m0 + offs_m
-            u = tl.load(t_ptr + om, mask=om < rows, other=0.0) / c
+            u = tl.load(t_ptr + om, mask=om < rows, other=0.0) * inv_c
             tl.store(u_ptr + om * u_stride, u.to(ELEM), mask=om < rows)
         for n0 in range(0, cols, BLOCK_N):  # v = s / d
             on = n0 + offs_n
-            v = tl.load(s_ptr + on, mask=on < cols, other=0.0) / d
+            v = tl.load(s_ptr + on, mask=on < cols, other=0.0) * inv_d
             tl.store(v_ptr + on * v_stride, v.to(ELEM), mask=on < cols)
         # sigma = u . W v_new = (W^T u) . v_new = ||s||^2 / max(||s||, eps): no extra pass over W
-        tl.store(sigma_ptr + tl.program_id(0), s_sq / d)
+        tl.store(sigma_ptr + tl.program_id(0), s_sq * inv_d)
+
+    @triton.jit
+    def _power_iteration_rows_kernel(table_ptr, work_ptr, ws_ptr, eps_arg: tl.float64, FIRST: tl.constexpr,
+                                     ELEM: tl.constexpr, ACC: tl.constexpr, ROW_CONTIG: tl.constexpr,
+                                     ALIGN: tl.constexpr, INDEX64: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr):
+        # Split, t = W v for rows [r0, r1) of weight k: v = s / max(||s||, eps), or the stored v in
+        # the first iteration (FIRST), as the fused kernel starts from s = v, d = 1.
+        job = work_ptr + tl.program_id(0) * 3
+        k = tl.load(job)
+        index_t = tl.int64 if INDEX64 else tl.int32
+        r0 = tl.load(job + 1).to(index_t)
+        r1 = tl.load(job + 2).to(index_t)
+        w_ptr, u_ptr, v_ptr, rows, cols, w_stride0, w_stride1, u_stride, v_stride, t_offset, s_offset = \
+            _weight_entry(table_ptr, k, ELEM, ALIGN, INDEX64)
+        t_ptr = ws_ptr + t_offset
+        s_ptr = ws_ptr + s_offset
+        inv_d = tl.full((), 1.0, ACC)
+        if not FIRST:
+            inv_d, _ = _inverse_norm(s_ptr, cols, tl.full((), eps_arg, ACC), ACC, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        for m0 in range(r0, r1, BLOCK_M):
+            om = m0 + offs_m
+            acc = tl.zeros((BLOCK_M,), ACC)
+            for n0 in range(0, cols, BLOCK_N):
+                on = n0 + offs_n
+                w = _w_tile(w_ptr, om, on, r1, cols, w_stride0, w_stride1, ROW_CONTIG)
+                if FIRST:
+                    v = tl.load(v_ptr + on * v_stride, mask=on < cols, other=0.0).to(ACC)
+                else:
+                    v = tl.load(s_ptr + on, mask=on < cols, other=0.0) * inv_d
+                acc += tl.sum(w.to(ACC) * v[None, :], axis=1)
+            tl.store(t_ptr + om, acc, mask=om < r1)
+
+    @triton.jit
+    def _power_iteration_cols_kernel(table_ptr, work_ptr, ws_ptr, eps_arg: tl.float64, ELEM: tl.constexpr,
+                                     ACC: tl.constexpr, ROW_CONTIG: tl.constexpr, ALIGN: tl.constexpr,
+                                     INDEX64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Split, s = W^T u for columns [c0, c1) of weight k, with u = t / max(||t||, eps).
+        job = work_ptr + tl.program_id(0) * 3
+        k = tl.load(job)
+        index_t = tl.int64 if INDEX64 else tl.int32
+        c0 = tl.multiple_of(tl.load(job + 1).to(index_t), BLOCK_N)  # ranges start at multiples of BLOCK_N
+        c1 = tl.multiple_of(tl.load(job + 2).to(index_t), ALIGN)  # a multiple of BLOCK_N, or cols
+        w_ptr, u_ptr, v_ptr, rows, cols, w_stride0, w_stride1, u_stride, v_stride, t_offset, s_offset = \
+            _weight_entry(table_ptr, k, ELEM, ALIGN, INDEX64)
+        t_ptr = ws_ptr + t_offset
+        s_ptr = ws_ptr + s_offset
+        inv_c, _ = _inverse_norm(t_ptr, rows, tl.full((), eps_arg, ACC), ACC, BLOCK_M)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        for n0 in range(c0, c1, BLOCK_N):
+            on = n0 + offs_n
+            acc = tl.zeros((BLOCK_N,), ACC)
+            for m0 in range(0, rows, BLOCK_M):
+                om = m0 + offs_m
+                w = _w_tile(w_ptr, om, on, rows, c1, w_stride0, w_stride1, ROW_CONTIG)
+                u = tl.load(t_ptr + om, mask=om < rows, other=0.0) * inv_c
+                acc += tl.sum(w.to(ACC) * u[:, None], axis=0)
+            tl.store(s_ptr + on, acc, mask=on < c1)
+
+    @triton.jit
+    def _power_iteration_finish_kernel(table_ptr, ws_ptr, sigma_ptr, eps_arg: tl.float64, ELEM: tl.constexpr,
+                                       ACC: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr):
+        # Split, last: u = t / c, v = s / d and sigma = ||s||^2 / d for weight k (one program each).
+        k = tl.program_id(0)
+        w_ptr, u_ptr, v_ptr, rows, cols, w_stride0, w_stride1, u_stride, v_stride, t_offset, s_offset = \
+            _weight_entry(table_ptr, k, ELEM, 1, INDEX64)
+        eps = tl.full((), eps_arg, ACC)
+        t_ptr = ws_ptr + t_offset
+        s_ptr = ws_ptr + s_offset
+        inv_c, _ = _inverse_norm(t_ptr, rows, eps, ACC, BLOCK)
+        inv_d, s_sq = _inverse_norm(s_ptr, cols, eps, ACC, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        for i0 in range(0, rows, BLOCK):
+            o = i0 + offs
+            u = tl.load(t_ptr + o, mask=o < rows, other=0.0) * inv_c
+            tl.store(u_ptr + o * u_stride, u.to(ELEM), mask=o < rows)
+        for i0 in range(0, cols, BLOCK):
+            o = i0 + offs
+            v = tl.load(s_ptr + o, mask=o < cols, other=0.0) * inv_d
+            tl.store(v_ptr + o * v_stride, v.to(ELEM), mask=o < cols)
+        tl.store(sigma_ptr + k, s_sq * inv_d)
 
     _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
                   torch.bfloat16: tl.bfloat16}
 
+# A group takes the split path when one of its weights has more values than this (one program per
+# weight then leaves most of a GPU idle); each split program covers about _PROGRAM_NUMEL values of W.
+_SPLIT_NUMEL = 1 << 17
+_PROGRAM_NUMEL = 1 << 15
+# Tiles (rows x cols of W per step) and warps: a few fixed ones (every variant compiled and checked
+# for spills by tests/test_triton_compile.py), not one per power of two. The fused kernel's by
+# (max rows <= 8, max cols <= 32) of the group; a split program's range is a multiple of its
+# tile, so the split tiles are narrow along the split dim (more programs per weight).
+_FUSED_TILES = {(True, True): (8, 32, 1), (True, False): (8, 128, 1), (False, True): (32, 32, 2),
+                (False, False): (32, 128, 8)}
+_ROWS_TILE = (8, 128, 4)  # 8 warps for float64: at 4, one float64 variant spills on sm_80
+_COLS_TILE = (16, 64, 4)
+_FINISH_BLOCK = 1024
+
+
+def _row_layout(weights) -> tuple[bool, int]:
+    """(ROW_CONTIG, ALIGN) of a launch group: whether every W has unit column stride (a size-1
+    dim's stride does not matter), and the largest power of two (up to 16 bytes) of elements that
+    divides every W's address, row stride and column count (1 when not ROW_CONTIG)."""
+    if not all(w.shape[1] == 1 or w.stride(1) == 1 for w in weights):
+        return False, 1
+    size = weights[0].element_size()
+    align = 16 // size
+    for w in weights:
+        rows, cols = w.shape
+        while align > 1 and (w.data_ptr() % (align * size) or cols % align or (rows > 1 and w.stride(0) % align)):
+            align //= 2
+    return True, align
+
+
+def _needs_index64(weights, us, vs, workspace_size: int) -> bool:
+    """Whether an element offset of a weight (or u, v, the workspace) can reach 2^31 - 1, the
+    int32 limit, counting a block of padding past the end."""
+    limit = 2**31 - 1 - 1024
+    spans = [workspace_size]
+    for w, u, v in zip(weights, us, vs):
+        spans.append(sum((n - 1) * abs(st) for n, st in zip(w.shape, w.stride())) + w.shape[1])
+        spans += [(u.shape[0] - 1) * abs(u.stride(0)) + 1, (v.shape[0] - 1) * abs(v.stride(0)) + 1]
+    return max(spans) >= limit
+
+
+def _ranges(length: int, other: int, block: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of ``length`` rows (or cols), multiples of ``block`` long, each covering
+    about _PROGRAM_NUMEL values of W with ``other`` values per row (col)."""
+    step = max(block, triton.cdiv(triton.cdiv(_PROGRAM_NUMEL, max(other, 1)), block) * block)
+    return [(first, min(first + step, length)) for first in range(0, length, step)]
+
+
+def _tile(block_m: int, block_n: int, warps: int) -> dict:
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+
 
 def _triton_power_iteration(weights, us, vs, n_iterations: int, eps: float) -> torch.Tensor:
-    """One launch for a list of weights of one device and dtype; returns the sigmas (float32, or
-    float64 for float64 weights)."""
+    """The power iteration for a list of weights of one device and dtype (one launch, or 2n + 1
+    launches on the split path); returns the sigmas (float32, or float64 for float64 weights)."""
     device, dtype = weights[0].device, weights[0].dtype
     acc = acc_dtype(dtype)
+    row_contig, align = _row_layout(weights)
+    split = max(w.numel() for w in weights) > _SPLIT_NUMEL
     table, offset = [], 0
     for w, u, v in zip(weights, us, vs):
         rows, cols = w.shape
         table.append([w.data_ptr(), u.data_ptr(), v.data_ptr(), rows, cols, w.stride(0), w.stride(1), u.stride(0),
-                      v.stride(0), offset])
+                      v.stride(0), offset, offset + rows])
         offset += rows + cols
-    table = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+    flat = [x for row in table for x in row]
+    if split:  # the work lists: (weight, first, last) row ranges, then column ranges
+        row_jobs = [(k, a, b) for k, w in enumerate(weights) for a, b in _ranges(w.shape[0], w.shape[1], _ROWS_TILE[0])]
+        col_jobs = [(k, a, b) for k, w in enumerate(weights) for a, b in _ranges(w.shape[1], w.shape[0], _COLS_TILE[1])]
+        flat += [x for job in row_jobs + col_jobs for x in job]
+    packed = torch.tensor(flat, dtype=torch.int64).to(device, non_blocking=True)
+    table_t = packed[:len(table) * 11]
     workspace = torch.empty(offset, dtype=acc, device=device)
     sigmas = torch.empty(len(weights), dtype=acc, device=device)
-    block_m = min(32, next_power_of_2(max(w.shape[0] for w in weights)))
-    block_n = min(128, next_power_of_2(max(w.shape[1] for w in weights)))
-    _power_iteration_kernel[(len(weights),)](table, workspace, sigmas, n_iterations, eps, ELEM=_TL_DTYPES[dtype],
-                                             ACC=_TL_DTYPES[acc], BLOCK_M=block_m, BLOCK_N=block_n)
+    types = dict(ELEM=_TL_DTYPES[dtype], ACC=_TL_DTYPES[acc])
+    layout = dict(**types, ROW_CONTIG=row_contig, ALIGN=align, INDEX64=_needs_index64(weights, us, vs, offset))
+    if not split:
+        small = (max(w.shape[0] for w in weights) <= 8, max(w.shape[1] for w in weights) <= 32)
+        _power_iteration_kernel[(len(weights),)](table_t, workspace, sigmas, n_iterations, eps, **layout,
+                                                 **_tile(*_FUSED_TILES[small]))
+        return sigmas
+    rows_tile = _tile(*_ROWS_TILE[:2], 8 if dtype == torch.float64 else _ROWS_TILE[2])
+    row_work = packed[len(table) * 11:len(table) * 11 + 3 * len(row_jobs)]
+    col_work = packed[len(table) * 11 + 3 * len(row_jobs):]
+    for i in range(n_iterations):
+        _power_iteration_rows_kernel[(len(row_jobs),)](table_t, row_work, workspace, eps, FIRST=i == 0, **layout,
+                                                       **rows_tile)
+        _power_iteration_cols_kernel[(len(col_jobs),)](table_t, col_work, workspace, eps, **layout,
+                                                       **_tile(*_COLS_TILE))
+    _power_iteration_finish_kernel[(len(weights),)](table_t, workspace, sigmas, eps, **types,
+                                                    INDEX64=layout["INDEX64"], BLOCK=_FINISH_BLOCK, num_warps=4)
     return sigmas
 
 
