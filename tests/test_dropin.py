@@ -367,3 +367,67 @@ def test_a_compiled_critic_without_an_explicit_path_says_why():
     compiled = torch.compile(Branchy(), backend="aot_eager")
     with pytest.raises(ValueError, match="torch.compile'd critic needs the explicit"):
         wk.critic_loss(compiled, torch.randn(4, 3), torch.randn(4, 3), penalty="gp")
+
+
+# ----------------------------------------------------------------------------------------------
+# DistributedDataParallel: the explicit path inside DDP's forward bookkeeping
+# ----------------------------------------------------------------------------------------------
+
+
+class _SmallConvCritic(nn.Module):
+    """A custom module (traced onto the one-node path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, 2, 1)
+        self.fc = nn.Linear(6 * 4 * 4, 1)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.conv(x), 0.2)
+        return self.fc(h.view(x.shape[0], -1))
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(8, 3, 8, 8, generator=g), torch.randn(8, 3, 8, 8, generator=g) * 1.5
+
+
+def _ddp_step(rank, world, init_file, penalty, out_file):
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        critic = _SmallConvCritic()
+        ddp = DDP(critic)
+        real, fake = _global_batch()
+        local = real.shape[0] // world
+        rows = slice(rank * local, (rank + 1) * local)
+        gen = torch.Generator().manual_seed(5)
+        torch.rand(rank * local, generator=gen)  # the lower ranks' per-row draws (interpolates)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the explicit path, no double-backward fallback
+            loss, _ = wk.critic_loss(ddp, real[rows], fake[rows], penalty=penalty, generator=gen)
+        loss.backward()
+        torch.save([p.grad for p in critic.parameters()], f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("penalty", ["div", "gp"])
+def test_ddp_two_processes_match_one_on_the_global_batch(tmp_path, penalty):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "grads")
+    mp.spawn(_ddp_step, args=(2, str(tmp_path / "init"), penalty, out), nprocs=2, join=True)
+    torch.manual_seed(0)
+    critic = _SmallConvCritic()
+    real, fake = _global_batch()
+    loss, _ = wk.critic_loss(critic, real, fake, penalty=penalty, generator=torch.Generator().manual_seed(5))
+    loss.backward()
+    for rank in (0, 1):
+        for p, g in zip(critic.parameters(), torch.load(f"{out}.{rank}", weights_only=True)):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)

@@ -227,7 +227,7 @@ def _sample(real, fake, strategy, generator):
     return _lerp(real, noisy, _per_sample(real, generator))
 
 
-_WRAPPERS = ("DistributedDataParallel", "DataParallel", "OptimizedModule")
+_WRAPPERS = ("DataParallel",)  # wrappers whose forward the explicit path cannot stand in for
 
 
 def _explicit(critic, x):
@@ -241,6 +241,8 @@ def _explicit(critic, x):
         return critic.forward_with_input_grad(x)
     if not isinstance(critic, torch.nn.Module):
         return None
+    if isinstance(critic, torch.nn.parallel.DistributedDataParallel):
+        return _explicit_ddp(critic, x)
     compiled = type(critic).__name__ == "OptimizedModule" and isinstance(getattr(critic, "_orig_mod", None),
                                                                           torch.nn.Module)
     if compiled:  # aot_autograd has no double backward: the input gradient of the module it compiled
@@ -257,19 +259,50 @@ def _explicit(critic, x):
         traced = traced_critic(critic)
     try:
         if type(critic).__name__ in _WRAPPERS and not compiled:
-            raise Unsupported(f"{type(critic).__name__} wraps the critic, and its forward (gradient synchronisation) "
-                              "would be skipped by the explicit path")
+            raise Unsupported(f"{type(critic).__name__} wraps the critic (replicas per device), and its forward "
+                              "would be skipped by the explicit path; DistributedDataParallel is supported")
         return traced.forward_with_input_grad(x)
     except Unsupported as e:
         reason = str(e)
         if compiled:
             raise ValueError(f"critic: a torch.compile'd critic needs the explicit input-gradient path (aot_autograd "
                              f"has no double backward), which its module does not have: {reason}") from None
-        if reason not in traced.noted:
-            traced.noted.add(reason)
-            warnings.warn(f"wgan_kernels: {type(critic).__name__} takes autograd's double backward for the gradient "
-                          f"penalty (no explicit input-gradient path): {reason}", UserWarning, stacklevel=4)
+        _note(traced, critic, reason)
         return None
+
+
+def _note(traced, critic, reason: str) -> None:
+    if reason not in traced.noted:
+        traced.noted.add(reason)
+        warnings.warn(f"wgan_kernels: {type(critic).__name__} takes autograd's double backward for the gradient "
+                      f"penalty (no explicit input-gradient path): {reason}", UserWarning, stacklevel=5)
+
+
+def _explicit_ddp(ddp, x):
+    """The explicit path of the module a ``DistributedDataParallel`` wraps, inside DDP's own
+    forward bookkeeping (``_pre_forward``: buffer sync, bucket rebuilds; ``_post_forward``: the
+    reducer prepared for this backward), so its gradient all-reduce runs as for ``ddp(x)``: one
+    forward per backward when r(x) is the samples (WGAN-div, R1, R2: critic_loss's shared forward)."""
+    from .nn import supports_input_grad  # noqa: PLC0415
+    from .nn.trace import Unsupported, traced_critic  # noqa: PLC0415
+
+    inner = ddp.module
+    traced = traced_critic(inner)
+    if not (hasattr(ddp, "_pre_forward") and hasattr(ddp, "_post_forward")):
+        _note(traced, ddp, "this torch's DistributedDataParallel has no _pre_forward / _post_forward")
+        return None
+    if supports_input_grad(inner):
+        run = inner.forward_with_input_grad
+    else:
+        try:
+            traced.program(x, (), {})  # built (or refused) before DDP's bookkeeping starts
+        except Unsupported as e:
+            _note(traced, ddp, str(e))
+            return None
+        run = traced.forward_with_input_grad
+    with torch.autograd.profiler.record_function("DistributedDataParallel.forward"):
+        (x,), _ = ddp._pre_forward(x)
+        return ddp._post_forward(run(x))
 
 
 def input_gradient(critic, x, *, scaler=None):
