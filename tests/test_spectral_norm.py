@@ -301,8 +301,18 @@ def test_state_dict_round_trips(gen):
 # ----------------------------------------------------------------------------- spectral_norm_all
 
 
+def _sn(m):
+    """A layer's spectral state: an SN block itself (what spectral_norm_all makes of torch's Linear
+    and Conv2d), else its parametrization."""
+    return m if hasattr(m, "_u") else m.parametrizations.weight[0]
+
+
+def _raw_weight(m):
+    return m.weight if hasattr(m, "_u") else m.parametrizations.weight.original
+
+
 def _u_of(critic):
-    return [m.parametrizations.weight[0]._u.clone() for m in critic if isinstance(m, nn.Linear)]
+    return [_sn(m)._u.clone() for m in critic if isinstance(m, nn.Linear)]
 
 
 def test_spectral_norm_all_iterates_once_per_weight_update(gen):
@@ -334,7 +344,7 @@ def test_spectral_norm_all_iterates_once_per_weight_update(gen):
     # an optimizer step changes the weights: the next forward iterates again
     before = _u_of(ours)
     with torch.no_grad():
-        ours[0].parametrizations.weight.original.mul_(1.5)
+        _raw_weight(ours[0]).mul_(1.5)
     ours(x)
     assert not torch.equal(_u_of(ours)[0], before[0]), "no iteration after a weight update"
     after = _u_of(ours)
@@ -348,7 +358,7 @@ def test_spectral_norm_all_iterates_once_per_weight_update(gen):
     ours.train()
     twin = copy.deepcopy(ours)
     with torch.no_grad():
-        twin[2].parametrizations.weight.original.mul_(2.0)
+        _raw_weight(twin[2]).mul_(2.0)
     twin(x)
     assert all(torch.equal(a, b) for a, b in zip(frozen, _u_of(ours))), "the copy's hook touched the original"
 

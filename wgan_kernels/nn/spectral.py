@@ -306,7 +306,11 @@ def _sn_block_from(layer: nn.Module, n_power_iterations: int, eps: float, vector
                        _vectors=(torch.empty(0), torch.empty(0)))
     if weight is None:
         weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
-    new.weight, new.bias = weight, layer.bias
+    # torch's spectral norm (either API) leaves the layer's parameters in the order bias, weight: so
+    # does the block, so that an optimizer's state (kept by position) moves between the two
+    new._parameters = dict([("bias", layer.bias)] if layer.bias is not None else []) | {"weight": weight}
+    if layer.bias is None:
+        new.bias = None
     if vectors is None:
         vectors = initial_vectors(new.to_matrix(weight), eps, n_power_iterations if layer.training else 0)
     new.n_power_iterations, new.eps = check_iterations(n_power_iterations), check_eps(eps)
@@ -423,12 +427,16 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
     Eval mode freezes u and v in both. A critic whose layer already has a parametrization on
     ``weight`` is refused.
 
-    A critic of ``wgan_kernels.nn`` blocks keeps its explicit input-gradient path: its ``Linear``
-    and ``Conv2d`` blocks are replaced by ``SNLinear`` / ``SNConv2d`` (sharing their Parameters,
-    1/sigma folded into the output; state dict keys as torch's), and SN blocks already there join
-    the batched iteration; the batching is registered as the critic's input-gradient hook too, so
-    ``forward_with_input_grad`` iterates as a forward does. u, v are drawn layer by layer in module
-    order, as torch would draw them.
+    Every ``Linear`` / ``Conv2d`` below the critic (torch's, or the ``wgan_kernels.nn`` blocks) is
+    replaced by ``SNLinear`` / ``SNConv2d`` (subclasses of torch's, sharing their Parameters,
+    1/sigma folded into the output instead of a new ``W / sigma`` each forward, which keeps
+    oneDNN's weight reuse; state dict keys as torch's parametrization; ``layer.weight`` is then the
+    raw W, ``layer.normalized_weight()`` W / sigma); SN blocks already there join the batched
+    iteration; the other layers (Conv1d/3d, ConvTranspose) get the parametrization. A
+    ``wgan_kernels.nn`` critic keeps its explicit input-gradient path, and the batching is
+    registered as its input-gradient hook too, so ``forward_with_input_grad`` iterates as a
+    forward does; a torch critic traced by critic_loss runs the hooks through its SN blocks. u, v
+    are drawn layer by layer in module order, as torch would draw them.
     """
     check_iterations(n_power_iterations)
     check_eps(eps)
@@ -451,7 +459,7 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
     for name, m in named:
         if isinstance(m, SN_BLOCKS):
             layers.append(m)
-        elif name and type(m) in (Linear, Conv2d):  # swap in the SN block, in its parent
+        elif name and type(m) in (Linear, Conv2d, nn.Linear, nn.Conv2d):  # swap in the SN block, in its parent
             parent_name, _, child = name.rpartition(".")
             block = _sn_block_from(m, n_power_iterations, eps)
             setattr(critic.get_submodule(parent_name), child, block)
