@@ -6,23 +6,28 @@ Impls:
                (power iteration only: its _power_method + sigma, under no_grad)
   wgan_kernels power_iteration_ over all layers in one call (the same u, v)
   copy         a copy_ of as many values as all weights: the bytes floor of one pass over W
-For the forward cases: `torch` = a critic with torch's spectral_norm on every layer,
-`wgan_kernels` = spectral_norm_all on the critic's wgan_kernels.nn twin (SNConv2d / SNLinear
-blocks with 1/sigma folded into the output; one batched iteration per weight update), `no-sn` =
-the same critic without spectral norm (the floor), batch 1, each after a weight update; also timed
-round-robin (test_sn_critic_forward_interleaved), whose medians the rows use.
+For the forward cases: `torch` = a plain torch critic with torch's spectral_norm on every layer,
+`wgan_kernels` = spectral_norm_all on the same plain torch critic (its Linear / Conv2d become
+SNLinear / SNConv2d blocks with 1/sigma folded into the output; one batched iteration per weight
+update), `no-sn` = the same critic without spectral norm (the floor), batch 1, each after a weight
+update; also timed round-robin (test_sn_critic_forward_interleaved), whose medians the rows use.
+The step cases ("SN critic step"): a WGAN-GP critic step at batch 64 on the same two critics,
+`torch` = torch's spectral_norm and the double-backward code users write, `wgan_kernels` =
+spectral_norm_all and critic_loss; round-robin.
 """
 
 import pytest
 import torch
 from conftest import DEVICE, QUICK, interleaved, record
 
-from wgan_kernels.models import dcgan64_critic, resnet32_critic
-from wgan_kernels.nn import from_torch
+import wgan_kernels as wk
+from wgan_kernels.eager import critic_loss_eager
+from wgan_kernels.models import ResNet32Critic, dcgan64_critic
 from wgan_kernels.nn.spectral import spectral_norm_all
 from wgan_kernels.ops.spectral_norm import power_iteration_
 
-MODELS = {"dcgan64": (dcgan64_critic, (1, 3, 64, 64)), "resnet32": (resnet32_critic, (1, 3, 32, 32))}
+# plain torch critics (a Sequential, and a custom module as users write the ResNet)
+MODELS = {"dcgan64": (dcgan64_critic, (1, 3, 64, 64)), "resnet32": (ResNet32Critic, (1, 3, 32, 32))}
 if QUICK:
     MODELS.pop("resnet32")
 SN_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
@@ -73,7 +78,7 @@ def build_forward(model, impl):
         critic = torch_sn_critic(make)
     elif impl == "wgan_kernels":
         torch.manual_seed(0)
-        critic = spectral_norm_all(from_torch(make().to(DEVICE)))  # SN blocks: 1/sigma folded into the output
+        critic = spectral_norm_all(make().to(DEVICE))  # SN blocks: 1/sigma folded into the output
     else:  # no-sn: the same critic without spectral norm, the floor of an SN forward
         torch.manual_seed(0)
         critic = make().to(DEVICE)
@@ -108,3 +113,33 @@ def test_sn_critic_forward_interleaved(benchmark, model):
     params = built["torch"][1]
     interleaved(benchmark, suite="SN critic forward", case=f"{model}-b1", fns={k: v[0] for k, v in built.items()},
                 rounds=40 if QUICK else 200, numel=sum(p.numel() for p in params), tensors=len(params), bytes=0)
+
+
+def build_step(model, impl):
+    """(step function, critic) of a WGAN-GP critic step at batch 64 on an SN critic."""
+    make, shape = MODELS[model]
+    torch.manual_seed(0)
+    critic = torch_sn_critic(make) if impl == "torch" else spectral_norm_all(make().to(DEVICE))
+    real = torch.randn(64, *shape[1:], device=DEVICE)
+    fake = torch.randn(64, *shape[1:], device=DEVICE) * 1.2 + 0.1
+
+    def fn():
+        critic.zero_grad(set_to_none=True)
+        if impl == "torch":
+            loss, _, _ = critic_loss_eager(critic, real, fake, penalty="gp")
+        else:
+            loss, _ = wk.critic_loss(critic, real, fake, penalty="gp")
+        loss.backward()
+        with torch.no_grad():  # a weight update: the next step iterates u, v again
+            for p in critic.parameters():
+                p.add_(0.0)
+
+    return fn, critic
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_sn_critic_step_interleaved(benchmark, model):
+    built = {impl: build_step(model, impl) for impl in ("torch", "wgan_kernels")}
+    params = list(built["torch"][1].parameters())
+    interleaved(benchmark, suite="SN critic step", case=f"{model}-b64", fns={k: v[0] for k, v in built.items()},
+                rounds=3 if QUICK else 6, numel=sum(p.numel() for p in params), tensors=len(params), bytes=0)

@@ -370,7 +370,12 @@ class _OneIterationPerStep:
     is cleared. Registered as the critic's forward pre-hook (``before``) and forward hook
     (``after``), and on a ``wgan_kernels.nn`` critic as its input-gradient hook (the same two
     methods, run by ``forward_with_input_grad``). A plain object (not a closure) so that
-    ``copy.deepcopy(critic)`` copies it along with the layers it points at."""
+    ``copy.deepcopy(critic)`` copies it along with the layers it points at.
+
+    ``runs_around_input_grad``: the explicit path of a traced torch critic (nn/trace.py) runs
+    these two methods around its input-gradient computation instead of refusing the hooks."""
+
+    runs_around_input_grad = True
 
     def __init__(self, layers: list[nn.Module], name: str):
         self.layers = layers

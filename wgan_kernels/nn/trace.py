@@ -327,6 +327,8 @@ def _build(critic: nn.Module, graph: fx.Graph, inputs: dict, output) -> _Program
     # static checks of the modules on the input's path, before running anything
     leaves = {node.target for node in graph.nodes if node.op == "call_module"}
     for path, m in critic.named_modules():
+        if path == "" and around_hooks(m) is not None:
+            continue  # (spectral_norm_all's batching: run around the explicit path)
         if path not in leaves and (m._forward_hooks or m._forward_pre_hooks):
             raise Unsupported(f"{path or 'the critic'}: {type(m).__name__} has forward hooks, which the explicit path "
                               "would not run (it does not call the module)")
@@ -601,6 +603,21 @@ class _Negated:
         return -self.holder.value
 
 
+def around_hooks(module: nn.Module):
+    """The objects of ``module``'s forward hooks when every one is a method of an object that
+    declares ``runs_around_input_grad`` (``spectral_norm_all``'s batched iteration): the explicit
+    path runs their ``before`` / ``after`` around itself. None when any other hook is there."""
+    hooks = list(module._forward_pre_hooks.values()) + list(module._forward_hooks.values())
+    owners = []
+    for h in hooks:
+        owner = getattr(h, "__self__", None)
+        if not getattr(owner, "runs_around_input_grad", False):
+            return None
+        if owner not in owners:
+            owners.append(owner)
+    return owners
+
+
 # ----------------------------------------------------------------------------------------------
 # the module
 # ----------------------------------------------------------------------------------------------
@@ -676,13 +693,21 @@ class TracedCritic(InputGradModule):
     def forward_with_input_grad(self, x, *args, **kwargs):
         check_input(x)
         program = self.program(x, args, kwargs)
-        _bind(self.critic, self._graph, program, x, args, kwargs)
-        root = program.graph_op
-        chain = _chain.plan_root(root, x)
-        if chain is not None:
-            return _chain.forward_with_input_grad(*chain, x)
-        out, saved = root.forward((), x)
-        return out, root.vjp((), saved, torch.ones_like(out))
+        critic = self.critic
+        hooks = around_hooks(critic) or ()
+        for hook in hooks:
+            hook.before(critic, (x,))
+        try:
+            _bind(critic, self._graph, program, x, args, kwargs)
+            root = program.graph_op
+            chain = _chain.plan_root(root, x)
+            if chain is not None:
+                return _chain.forward_with_input_grad(*chain, x)
+            out, saved = root.forward((), x)
+            return out, root.vjp((), saved, torch.ones_like(out))
+        finally:
+            for hook in hooks:
+                hook.after(critic, (x,), None)
 
 
 def _bind_inputs(placeholders, args, kwargs) -> dict:
