@@ -51,7 +51,7 @@ from torch.nn.utils import parametrize
 from .._checks import FLOAT_DTYPES
 from ..ops.spectral_norm import (check_eps, check_eps_fits, check_iterations, initial_vectors, power_iteration_,
                                  sigma_at)
-from .explicit_ops import Conv2dOp, LinearOp, check_matches_weight
+from .explicit_ops import check_matches_weight
 from .layers import Conv2d, InputGradModule, Linear
 
 __all__ = [
@@ -210,10 +210,20 @@ class _SpectralBlock(_SpectralState):
         """``W / sigma`` (what torch's parametrized ``module.weight`` returns)."""
         return self.weight / self.sigma()
 
-    def _scaled(self, y: torch.Tensor, inv_sigma: torch.Tensor, bias_shape) -> torch.Tensor:
-        if self.bias is None:
-            return y * inv_sigma
-        return torch.addcmul(self.bias.view(bias_shape), y, inv_sigma)
+    def forward(self, x):
+        return self._forward_saving(x)[0]
+
+    def _forward_saving(self, x):
+        """``layer(x, W) / sigma + b``: the layer without its bias (``_unscaled``), scaled."""
+        check_matches_weight(x, self.weight)
+        inv = 1 / self.sigma()
+        y = self._unscaled(x)
+        y = y * inv if self.bias is None else torch.addcmul(self.bias.view(self.bias_shape), y, inv)
+        return y, (self.op_type.from_module(self), x, inv)
+
+    def _input_grad(self, saved, grad_y):
+        op, x, inv = saved  # the layer's adjoint (Linear: dy W; Conv2d: a transposed convolution), scaled
+        return op.vjp(op.params, x, grad_y) * inv
 
     # ---- torch's state-dict keys
 
@@ -251,18 +261,10 @@ class SNLinear(_SpectralBlock, Linear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_spectral(n_power_iterations, eps, _vectors)
 
-    def forward(self, x):
-        return self._forward_saving(x)[0]
+    bias_shape = (-1,)
 
-    def _forward_saving(self, x):
-        check_matches_weight(x, self.weight)
-        inv = 1 / self.sigma()
-        y = self._scaled(torch.nn.functional.linear(x, self.weight), inv, (-1,))
-        return y, (LinearOp.from_module(self), x, inv)
-
-    def _input_grad(self, saved, grad_y):
-        op, x, inv = saved  # the Linear's adjoint, scaled
-        return op.vjp(op.params, x, grad_y) * inv
+    def _unscaled(self, x):
+        return F.linear(x, self.weight)
 
 
 class SNConv2d(_SpectralBlock, Conv2d):
@@ -276,18 +278,10 @@ class SNConv2d(_SpectralBlock, Conv2d):
                          padding_mode, device, dtype)
         self._init_spectral(n_power_iterations, eps, _vectors)
 
-    def forward(self, x):
-        return self._forward_saving(x)[0]
+    bias_shape = (1, -1, 1, 1)
 
-    def _forward_saving(self, x):
-        check_matches_weight(x, self.weight)
-        inv = 1 / self.sigma()
-        y = self._scaled(self._conv_forward(x, self.weight, None), inv, (1, -1, 1, 1))
-        return y, (Conv2dOp.from_module(self), x, inv)
-
-    def _input_grad(self, saved, grad_y):
-        op, x, inv = saved  # the Conv2d's adjoint (a transposed convolution), scaled
-        return op.vjp(op.params, x, grad_y) * inv
+    def _unscaled(self, x):
+        return self._conv_forward(x, self.weight, None)
 
 
 SN_BLOCKS = (SNLinear, SNConv2d)
