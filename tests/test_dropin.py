@@ -269,9 +269,23 @@ def test_old_style_spectral_norm_traced_is_torchs_own():
     torch.testing.assert_close(critic.body[0].weight_u, reference.body[0].weight_u)
 
 
-def test_spectral_norm_all_refuses_old_style_clearly():
-    with pytest.raises(ValueError, match="already has torch.nn.utils.spectral_norm"):
-        wk.spectral_norm_all(old_sn_critic())
+def test_spectral_norm_all_takes_old_style_layers():
+    """Old-style SN layers continue as SN blocks (their weight_orig, u, v), batched with the rest;
+    their checkpoint keys (weight_orig, weight_u, weight_v) still load."""
+    critic = old_sn_critic()
+    state = copy.deepcopy(critic.state_dict())
+    weight, u = critic[0].weight_orig, critic[0].weight_u
+    wk.spectral_norm_all(critic)
+    assert isinstance(critic[0], wn.SNConv2d) and isinstance(critic[3], wn.SNLinear)
+    assert critic[0].weight is weight and critic[0]._u is u
+    critic.eval()
+    blocks_out = critic(torch.randn(2, 3, 8, 8))
+    assert blocks_out.shape == (2, 1)
+    critic.load_state_dict(state)  # the old keys
+    torch.testing.assert_close(critic[0]._u, state["0.weight_u"])
+    bad = nn.Sequential(torch.nn.utils.spectral_norm(nn.Conv1d(3, 4, 3)))
+    with pytest.raises(ValueError, match="remove_spectral_norm"):
+        wk.spectral_norm_all(bad)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -424,7 +424,9 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
       iterates (three forwards in a critic step = three iterations), one call per layer.
 
     Eval mode freezes u and v in both. A critic whose layer already has a parametrization on
-    ``weight`` is refused.
+    ``weight`` is refused; a layer with the old ``torch.nn.utils.spectral_norm`` (weight_orig,
+    weight_u, weight_v) continues as an SN block with its weight and vectors (the old API
+    iterates v first, the SN blocks u first: the same sigma at convergence, not the same digits).
 
     Every ``Linear`` / ``Conv2d`` below the critic (torch's, or the ``wgan_kernels.nn`` blocks) is
     replaced by ``SNLinear`` / ``SNConv2d`` (subclasses of torch's, sharing their Parameters,
@@ -449,15 +451,24 @@ def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float
         if isinstance(m, SN_LAYERS) and not isinstance(m, SN_BLOCKS) and parametrize.is_parametrized(m, "weight"):
             raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has a parametrization "
                              "on 'weight' (spectral norm applied twice?)")
-        if isinstance(m, SN_LAYERS) and old_style_spectral_norm(m) is not None:
-            raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) already has torch.nn.utils."
-                             "spectral_norm (weight_orig, weight_u, weight_v): spectral norm applied twice? Use "
-                             "wgan_kernels.nn.from_torch(critic) to keep it (as SN blocks), or remove it first "
-                             "(torch.nn.utils.remove_spectral_norm)")
+        old = old_style_spectral_norm(m) if isinstance(m, SN_LAYERS) else None
+        if old is not None and (not name or type(m) not in (nn.Linear, nn.Conv2d) or old.name != "weight"
+                                or len(m._forward_pre_hooks) != 1 or old.dim != 0):
+            raise ValueError(f"critic: layer {name or 'critic'} ({type(m).__name__}) has torch.nn.utils.spectral_norm "
+                             "in a form the SN blocks do not take (they take a Linear / Conv2d child, on 'weight', "
+                             "dim 0); remove it first (torch.nn.utils.remove_spectral_norm)")
     layers = []
     for name, m in named:
         if isinstance(m, SN_BLOCKS):
             layers.append(m)
+        elif isinstance(m, SN_LAYERS) and old_style_spectral_norm(m) is not None:
+            # torch.nn.utils.spectral_norm: its layer continues as an SN block (its weight_orig, u and v;
+            # the old API's v-first iteration becomes the parametrization's u-first one)
+            parent_name, _, child = name.rpartition(".")
+            old = old_style_spectral_norm(m)
+            block = _sn_block_from(m, n_power_iterations, old.eps, (m.weight_u, m.weight_v), weight=m.weight_orig)
+            setattr(critic.get_submodule(parent_name), child, block)
+            layers.append(block)
         elif name and type(m) in (Linear, Conv2d, nn.Linear, nn.Conv2d):  # swap in the SN block, in its parent
             parent_name, _, child = name.rpartition(".")
             block = _sn_block_from(m, n_power_iterations, eps)
