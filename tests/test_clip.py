@@ -295,11 +295,12 @@ def test_clipped_rmsprop_state_dict_round_trips(gen):
     for x, y in zip(d, e):
         torch.testing.assert_close(x, y)
 
-    # a momentum / centered torch state is refused, naming it
+    # a momentum / centered torch state loads with its settings (the momentum form, tests/test_dropin.py)
     f = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt_f = torch.optim.RMSprop(f, momentum=0.9)
-    with pytest.raises(ValueError, match="momentum"):
-        wk.ClippedRMSprop(f).load_state_dict(opt_f.state_dict())
+    opt_f = torch.optim.RMSprop(f, momentum=0.9, centered=True)
+    opt_g = wk.ClippedRMSprop(f)
+    opt_g.load_state_dict(opt_f.state_dict())
+    assert opt_g.param_groups[0]["momentum"] == 0.9 and opt_g.param_groups[0]["centered"] is True
 
 
 def test_clipped_rmsprop_bad_input():
