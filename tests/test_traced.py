@@ -332,3 +332,31 @@ def test_spectral_norm_all_on_a_torch_critic_runs_on_the_traced_path():
             for p, q in zip(critic.parameters(), reference.parameters()):
                 p.sub_(0.01 * p.grad)
                 q.sub_(0.01 * q.grad)
+
+
+def test_a_deep_copy_is_its_own_critic():
+    """copy.deepcopy of a from_torch result (an EMA critic, say) traces and updates the copy."""
+    rc, module, x, _, _ = build("sngan_resnet32", torch.float64)
+    traced = wn.from_torch(module)
+    traced.forward_with_input_grad(x)
+    twin = copy.deepcopy(traced)
+    assert twin.critic is not module and all(a is not b for a, b in zip(twin.parameters(), module.parameters()))
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    out, grad_x = twin.forward_with_input_grad(x)
+    out_r, grad_x_r = double_backward(twin.critic, rc, x, (), {})
+    torch.testing.assert_close(grad_x, grad_x_r)
+    torch.testing.assert_close(out, out_r)
+    assert not torch.allclose(out, traced.forward_with_input_grad(x)[0])
+
+
+def test_a_replaced_layer_is_used():
+    rc, module, x, _, _ = build("wgan_gp_toy_mlp", torch.float64)
+    traced = wn.from_torch(module)
+    traced.forward_with_input_grad(x)
+    torch.manual_seed(3)
+    module.main[0] = nn.Linear(2, module.main[0].out_features).double()
+    out, grad_x = traced.forward_with_input_grad(x)
+    out_r, grad_x_r = double_backward(module, rc, x, (), {})
+    torch.testing.assert_close(grad_x, grad_x_r)

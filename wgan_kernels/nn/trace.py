@@ -24,6 +24,7 @@ per-sample maps computes: refused, with that reason.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import weakref
@@ -633,8 +634,10 @@ class TracedCritic(InputGradModule):
 
     def __init__(self, module: nn.Module, output=None, *, _weak: bool = False):
         nn.Module.__init__(self)
-        # (the cache of traced_critic holds the module weakly: it is the key)
-        self.__dict__["_critic"] = weakref.ref(module) if _weak else (lambda: module)
+        # (the cache of traced_critic holds the module weakly: it is the key; a copy.deepcopy of a
+        # from_torch result copies the strongly held module along with the dicts it shares)
+        self.__dict__["_critic"] = weakref.ref(module) if _weak else None
+        self.__dict__["_strong"] = None if _weak else module
         self._parameters, self._buffers, self._modules = module._parameters, module._buffers, module._modules
         self._non_persistent_buffers_set = module._non_persistent_buffers_set
         self.training = module.training
@@ -649,10 +652,24 @@ class TracedCritic(InputGradModule):
         self.__dict__["_programs"] = {}
         self.__dict__["noted"] = set()  # fallback reasons already reported (by losses)
 
+    def __deepcopy__(self, memo):
+        """A copy over a copy of the module (the shared dicts copied once, through ``memo``); the
+        programs, whose parameter binders point at the original's layers, are rebuilt on use."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_programs":
+                new.__dict__[key] = {}
+            elif key == "noted":
+                new.__dict__[key] = set()
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
     @property
     def critic(self) -> nn.Module:
         """The traced module."""
-        return self._critic()
+        return self._strong if self._strong is not None else self._critic()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -667,9 +684,11 @@ class TracedCritic(InputGradModule):
         return None if self._trace_error is None else f"{path}: {self._trace_error}"
 
     def _modes(self):
-        """What the program depends on besides the input: each submodule's mode and whether it
+        """What the program depends on besides the input: which submodules there are (a replaced
+        layer gets a new program: the binders hold the layers), each one's mode and whether it
         has forward hooks (which the explicit path would not run)."""
-        return tuple((m.training, bool(m._forward_hooks or m._forward_pre_hooks)) for m in self.critic.modules())
+        return tuple((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks))
+                     for m in self.critic.modules())
 
     def program(self, x, args, kwargs) -> _Program:
         """The program for this input signature (built on first use; ``Unsupported`` if none)."""
