@@ -9,8 +9,7 @@ import torch
 
 from wgan_kernels.cli import main
 from wgan_kernels.train import DATASETS
-from wgan_kernels.train.sweep import (RX_STRATEGIES, SweepConfig, train_config, cells, read_runs, sweep,
-                                      update_readme, verdict)
+from wgan_kernels.train.sweep import RX_STRATEGIES, SweepConfig, cells, read_runs, sweep, train_config, verdict
 from wgan_kernels.train.trainer import Trainer
 
 TINY = dict(seeds=1, steps=2, workers=1, eval_every=1, eval_samples=64, hidden=16, progress=False)

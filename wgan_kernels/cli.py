@@ -85,7 +85,7 @@ def _cmd_bench(args) -> int:
         return rc or int(failed)
 
 
-_TRAIN_FIELDS = ("loss", "dataset", "backend", "steps", "n_critic", "batch_size", "lr", "hidden", "seed",
+_TRAIN_FIELDS = ("loss", "dataset", "backend", "steps", "n_critic", "batch_size", "lr", "hidden", "model", "seed",
                  "eval_every", "checkpoint_every", "device", "out")
 
 
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--hidden", type=int)
+    train.add_argument("--model", choices=["mlp", "dcgan"], help="default mlp; dcgan: 32x32 or 64x64 images "
+                       "(e.g. --dataset digits32), first conv width hidden // 4")
     train.add_argument("--seed", type=int)
     train.add_argument("--eval-every", type=int)
     train.add_argument("--checkpoint-every", type=int)

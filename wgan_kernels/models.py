@@ -171,3 +171,45 @@ class ResNet32Critic(nn.Module):
         h = nn.functional.relu(self.blocks(x))
         h = torch.sum(h, dim=(2, 3)) / 64.0
         return self.fc(h)
+
+
+# ----------------------------------------------------------------------------- image GANs
+# DCGAN at 32x32 or 64x64 (WGAN-GP's CIFAR-10 DCGAN, sized by the data): the critic has no
+# normalisation layers (a per-sample gradient penalty needs none that couple the samples).
+
+
+def _dcgan_stages(resolution: int) -> int:
+    if resolution not in (32, 64):
+        raise ValueError(f"resolution: expected 32 or 64, got {resolution!r}")
+    return 3 if resolution == 32 else 4
+
+
+class DCGANCritic(nn.Module):
+    """DCGAN critic for (channels, resolution, resolution) images: 4x4 stride-2 convolutions
+    (width, 2 width, ...) with LeakyReLU(0.2), then a 4x4 convolution to one score per sample."""
+
+    def __init__(self, channels: int = 3, resolution: int = 32, width: int = 64):
+        super().__init__()
+        stages = _dcgan_stages(resolution)
+        chans = [channels] + [width * 2**i for i in range(stages)]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
+        self.out = nn.Conv2d(chans[-1], 1, 4, 1, 0)
+
+    def forward(self, img):
+        h = img
+        for conv in self.convs:
+            h = nn.functional.leaky_relu(conv(h), 0.2)
+        return self.out(h).view(img.shape[0], -1)
+
+
+def dcgan_generator(z_dim: int, channels: int = 3, resolution: int = 32, width: int = 64) -> nn.Sequential:
+    """DCGAN generator: z -> (width 2^(s-1), 4, 4) by a 4x4 transposed convolution, then 4x4
+    stride-2 transposed convolutions halving the width, BatchNorm + ReLU between, tanh out."""
+    stages = _dcgan_stages(resolution)
+    chans = [width * 2**i for i in reversed(range(stages))]
+    layers: list[nn.Module] = [nn.Unflatten(1, (z_dim, 1, 1)), nn.ConvTranspose2d(z_dim, chans[0], 4, 1, 0),
+                               nn.BatchNorm2d(chans[0]), nn.ReLU()]
+    for a, b in zip(chans[:-1], chans[1:]):
+        layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU()]
+    layers += [nn.ConvTranspose2d(chans[-1], channels, 4, 2, 1), nn.Tanh()]
+    return nn.Sequential(*layers)

@@ -306,8 +306,8 @@ def _probe(critic: nn.Module, graph: fx.Graph, inputs: dict):
             Recorder(gm).run(*inputs.values())
     finally:
         with torch.no_grad():
-            for b, copy in buffers:
-                b.copy_(copy)
+            for b, saved in buffers:
+                b.copy_(saved)
     return seen
 
 
@@ -403,7 +403,7 @@ def _build(critic: nn.Module, graph: fx.Graph, inputs: dict, output) -> _Program
         module = modules.get(node.target) if node.op == "call_module" else None
         first = node.args[0] if node.args else None
         rank = len(shapes[first]) + 1 if isinstance(first, fx.Node) and first in live else None
-        made = _convert(node, module, live, shapes, dtypes, rank, n, ref, const)
+        made = _convert(node, module, live, shapes, dtypes, rank, ref, const)
         if isinstance(made, int):  # an alias: the same value
             index[node] = made
         else:
@@ -433,7 +433,7 @@ def _dims(dim, rank):
     return tuple(d % rank for d in dims)
 
 
-def _convert(node, module, live, shapes, dtypes, rank, n, ref, const):
+def _convert(node, module, live, shapes, dtypes, rank, ref, const):
     """One input-dependent node as ``(op, fetch, arg)``, an ``Add`` / ``Cat``, or an int (the
     value index it aliases). Raises ``Unsupported``."""
     target, args = node.target, node.args
@@ -713,7 +713,7 @@ class TracedCritic(InputGradModule):
         check_input(x)
         program = self.program(x, args, kwargs)
         critic = self.critic
-        hooks = around_hooks(critic) or ()
+        hooks = list(self._input_grad_hooks) + (around_hooks(critic) or [])
         for hook in hooks:
             hook.before(critic, (x,))
         try:

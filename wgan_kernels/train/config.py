@@ -14,6 +14,7 @@ from ..losses import PRESETS, STRATEGIES
 from . import datasets as ds
 
 LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
+MODELS = ("mlp", "dcgan")
 # the penalty presets' names (and underscore spellings) for the trainer's losses
 LOSS_ALIASES = {"gp": "wgan-gp", "div": "wgan-div", "wgan_gp": "wgan-gp", "wgan_div": "wgan-div", "sn-gan": "sngan"}
 BACKENDS = ("fused", "eager")
@@ -30,7 +31,8 @@ class TrainConfig:
     n_critic: int = 5               # critic steps per generator step (the papers' 5)
     batch_size: int | None = None   # 256 for 2-D data, 64 otherwise
     lr: float | None = None         # per-loss default (see optimizer_defaults)
-    hidden: int = 256
+    hidden: int = 256               # MLP width; DCGAN: the first conv's channels = hidden // 4
+    model: str = "mlp"              # "mlp", or "dcgan" (image data of 32x32 or 64x64: e.g. digits32)
     z_dim: int | None = None        # 2 for 2-D data, 32 otherwise
     penalty_weight: float | None = None  # GP: 0.1 on 2-D data (WGAN-GP toys), 10 otherwise; div: k 2
     div_p: float = 6.0
@@ -73,6 +75,8 @@ def check(cfg: TrainConfig) -> None:
         cfg.loss = LOSS_ALIASES.get(cfg.loss, cfg.loss)  # (also when set after construction)
     if cfg.loss not in LOSSES:
         raise ValueError(f"loss: expected one of {LOSSES} (or {tuple(LOSS_ALIASES)}), got {cfg.loss!r}")
+    if cfg.model not in MODELS:
+        raise ValueError(f"model: expected one of {MODELS}, got {cfg.model!r}")
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
     if not isinstance(cfg.dataset, str):

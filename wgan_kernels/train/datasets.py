@@ -1,5 +1,5 @@
 """Embedded datasets: nothing is downloaded. 2-D toys as in the WGAN-GP toy experiments, and
-scikit-learn's bundled 8x8 digits."""
+scikit-learn's bundled 8x8 digits (and the same upscaled to 32x32, for the conv models)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import torch
 
 TOY = ("8gaussians", "25gaussians", "swissroll")
-DATASETS = TOY + ("digits",)
+DATASETS = TOY + ("digits", "digits32")
 
 
 class Sampler:
@@ -44,11 +44,13 @@ def load(name_or_data) -> Sampler:
     if isinstance(name_or_data, str):
         if name_or_data in TOY:
             return Sampler(name_or_data)
-        if name_or_data == "digits":
+        if name_or_data in ("digits", "digits32"):
             from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 
-            x = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0 * 2 - 1  # [-1, 1]
-            return Sampler("digits", x.reshape(-1, 1, 8, 8))
+            x = torch.tensor(load_digits().data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0 * 2 - 1  # [-1, 1]
+            if name_or_data == "digits32":  # upscaled (bilinear) to 32x32 for the conv models
+                x = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+            return Sampler(name_or_data, x.clamp(-1, 1))
         raise ValueError(f"dataset: expected one of {DATASETS}, a tensor or a TensorDataset, got {name_or_data!r}")
     if isinstance(name_or_data, torch.utils.data.TensorDataset):
         name_or_data = name_or_data.tensors[0]

@@ -24,7 +24,7 @@ import torch
 
 from .. import ClippedRMSprop, critic_loss
 from ..eager import critic_loss_eager
-from ..models import mlp_critic, mlp_generator
+from ..models import DCGANCritic, dcgan_generator, mlp_critic, mlp_generator
 from ..nn.spectral import SN_LAYERS, spectral_norm_all
 from . import checkpoint as ckpt_io
 from . import datasets as ds
@@ -60,8 +60,7 @@ class Trainer:
         self.rank, self.world = self.parallel.rank, self.parallel.world
 
         torch.manual_seed(cfg.seed)  # model init: the same for both backends
-        self.G = mlp_generator(self.z_dim, cfg.hidden, self.sampler.shape).to(self.device)
-        self.D = mlp_critic(cfg.hidden, self.sampler.dim, self.sampler.shape).to(self.device)
+        self.G, self.D = self._models()
         self.critic = self.D  # what the critic loss runs (the explicit path on the fused backend)
         if cfg.loss == "sngan":
             self._apply_spectral_norm()
@@ -97,6 +96,20 @@ class Trainer:
         self.folder = RunFolder(cfg.out) if cfg.out is not None and self.rank == 0 else None  # rank 0 writes
         self._data_id = None
 
+    def _models(self):
+        """(G, D) of ``cfg.model`` for the data's shape, on the device (the same init on both
+        backends: the seed is set before)."""
+        cfg, shape = self.cfg, self.sampler.shape
+        if cfg.model == "mlp":
+            return (mlp_generator(self.z_dim, cfg.hidden, shape).to(self.device),
+                    mlp_critic(cfg.hidden, self.sampler.dim, shape).to(self.device))
+        if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in (32, 64):
+            raise ValueError(f"model: 'dcgan' needs images of 32x32 or 64x64 (e.g. dataset digits32), got samples of "
+                             f"shape {shape}")
+        width = max(cfg.hidden // 4, 1)
+        return (dcgan_generator(self.z_dim, shape[0], shape[1], width).to(self.device),
+                DCGANCritic(shape[0], shape[1], width).to(self.device))
+
     def _apply_spectral_norm(self) -> None:
         if self.cfg.backend == "fused":
             from ..nn import from_torch
@@ -104,7 +117,9 @@ class Trainer:
             # SNLinear blocks (1/sigma folded into the output, no W / sigma per forward), sharing
             # D's Parameters, iterated once per weight update for all layers; state-dict keys as
             # torch's spectral_norm, so checkpoints move between the backends
-            self.D = self.critic = spectral_norm_all(from_torch(self.D))
+            # (a conv critic stays the torch module: its layers become the SN blocks, and critic_loss
+            # traces it, running the batched iteration around its explicit path)
+            self.D = self.critic = spectral_norm_all(from_torch(self.D) if self.cfg.model == "mlp" else self.D)
         else:
             for m in self.D.modules():  # the layers spectral_norm_all covers
                 if isinstance(m, SN_LAYERS):
@@ -182,6 +197,8 @@ class Trainer:
             out["div_p"] = cfg.div_p
         if cfg.loss == "wgan":
             out["clip_value"] = cfg.clip_value
+        if cfg.model != "mlp":
+            out["model"] = cfg.model
         return out
 
     def state(self) -> dict:
