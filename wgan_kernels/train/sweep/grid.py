@@ -93,7 +93,7 @@ def run_steps(cfg: SweepConfig) -> int:
         return cfg.steps
     if cfg.quick:
         return 150
-    return 800 if cfg.dataset == "digits" else 600
+    return 800 if cfg.dataset.startswith("digits") else 600
 
 
 def train_config(cfg: SweepConfig, cell: dict, seed: int):
