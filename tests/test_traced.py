@@ -290,7 +290,7 @@ def test_one_node_program_is_planned_for_piecewise_linear_graphs():
     program = traced.program(x, (), {})
     from wgan_kernels.nn.trace import _bind
 
-    _bind(module, traced._graph, program, x, (), {})
+    _bind(module, program, x, (), {})
     assert _chain.plan_root(program.graph_op, x) is not None
 
 

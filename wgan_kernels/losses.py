@@ -228,6 +228,8 @@ def _sample(real, fake, strategy, generator):
 
 
 _WRAPPERS = ("DataParallel",)  # wrappers whose forward the explicit path cannot stand in for
+# critic -> the fallback reasons already said (a warning once per critic and reason)
+_noted: "weakref.WeakKeyDictionary[torch.nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def _explicit(critic, x):
@@ -243,39 +245,45 @@ def _explicit(critic, x):
         return None
     if isinstance(critic, torch.nn.parallel.DistributedDataParallel):
         return _explicit_ddp(critic, x)
-    compiled = type(critic).__name__ == "OptimizedModule" and isinstance(getattr(critic, "_orig_mod", None),
-                                                                          torch.nn.Module)
-    if compiled:  # aot_autograd has no double backward: the input gradient of the module it compiled
-        inner = critic._orig_mod
-        traced = traced_critic(inner)
-        if "compiled" not in traced.noted:
-            traced.noted.add("compiled")
-            warnings.warn("wgan_kernels: a torch.compile'd critic: its input gradient (the penalty) runs the explicit "
-                          "path of the module it wraps, uncompiled (torch.compile's aot_autograd has no double "
-                          "backward); the loss's own forward stays compiled", UserWarning, stacklevel=4)
-        if supports_input_grad(inner):
-            return inner.forward_with_input_grad(x)
-    else:
-        traced = traced_critic(critic)
+    if type(critic).__name__ in _WRAPPERS:
+        _note(critic, f"{type(critic).__name__} wraps the critic (replicas per device), and its forward would be "
+                      "skipped by the explicit path; DistributedDataParallel is supported")
+        return None
+    if type(critic).__name__ == "OptimizedModule" and isinstance(getattr(critic, "_orig_mod", None), torch.nn.Module):
+        return _explicit_compiled(critic, x)
     try:
-        if type(critic).__name__ in _WRAPPERS and not compiled:
-            raise Unsupported(f"{type(critic).__name__} wraps the critic (replicas per device), and its forward "
-                              "would be skipped by the explicit path; DistributedDataParallel is supported")
-        return traced.forward_with_input_grad(x)
+        return traced_critic(critic).forward_with_input_grad(x)
     except Unsupported as e:
-        reason = str(e)
-        if compiled:
-            raise ValueError(f"critic: a torch.compile'd critic needs the explicit input-gradient path (aot_autograd "
-                             f"has no double backward), which its module does not have: {reason}") from None
-        _note(traced, critic, reason)
+        _note(critic, str(e))
         return None
 
 
-def _note(traced, critic, reason: str) -> None:
-    if reason not in traced.noted:
-        traced.noted.add(reason)
-        warnings.warn(f"wgan_kernels: {type(critic).__name__} takes autograd's double backward for the gradient "
-                      f"penalty (no explicit input-gradient path): {reason}", UserWarning, stacklevel=5)
+def _explicit_compiled(compiled, x):
+    """A torch.compile'd critic: aot_autograd has no double backward, so the input gradient runs
+    the explicit path of the module it compiled (said once); a clear error when it has none."""
+    from .nn import supports_input_grad  # noqa: PLC0415
+    from .nn.trace import Unsupported, traced_critic  # noqa: PLC0415
+
+    inner = compiled._orig_mod
+    _note(compiled, "compiled", "wgan_kernels: a torch.compile'd critic: its input gradient (the penalty) runs the "
+          "explicit path of the module it wraps, uncompiled (torch.compile's aot_autograd has no double backward); "
+          "the loss's own forward stays compiled")
+    if supports_input_grad(inner):
+        return inner.forward_with_input_grad(x)
+    try:
+        return traced_critic(inner).forward_with_input_grad(x)
+    except Unsupported as e:
+        raise ValueError(f"critic: a torch.compile'd critic needs the explicit input-gradient path (aot_autograd has "
+                         f"no double backward), which its module does not have: {e}") from None
+
+
+def _note(critic, reason: str, message: str | None = None) -> None:
+    """Warns once per critic and reason (``message``: the words, else the double-backward note)."""
+    said = _noted.setdefault(critic, set())
+    if reason not in said:
+        said.add(reason)
+        warnings.warn(message or f"wgan_kernels: {type(critic).__name__} takes autograd's double backward for the "
+                      f"gradient penalty (no explicit input-gradient path): {reason}", UserWarning, stacklevel=5)
 
 
 def _explicit_ddp(ddp, x):
@@ -287,17 +295,17 @@ def _explicit_ddp(ddp, x):
     from .nn.trace import Unsupported, traced_critic  # noqa: PLC0415
 
     inner = ddp.module
-    traced = traced_critic(inner)
     if not (hasattr(ddp, "_pre_forward") and hasattr(ddp, "_post_forward")):
-        _note(traced, ddp, "this torch's DistributedDataParallel has no _pre_forward / _post_forward")
+        _note(ddp, "this torch's DistributedDataParallel has no _pre_forward / _post_forward")
         return None
     if supports_input_grad(inner):
         run = inner.forward_with_input_grad
     else:
+        traced = traced_critic(inner)
         try:
             traced.program(x, (), {})  # built (or refused) before DDP's bookkeeping starts
         except Unsupported as e:
-            _note(traced, ddp, str(e))
+            _note(ddp, str(e))
             return None
         run = traced.forward_with_input_grad
     with torch.autograd.profiler.record_function("DistributedDataParallel.forward"):
@@ -350,10 +358,15 @@ def gradient_penalty_reference(critic, points, *, weight: float, center: float, 
     float64 gradient)."""
     x = points.detach().requires_grad_(True)
     (grad_x,) = torch.autograd.grad(critic(x).sum(), x, create_graph=True)
-    acc = acc_dtype(grad_x.dtype)
-    n = grad_x.reshape(grad_x.shape[0], -1).to(acc).norm(dim=1)
+    return weight * _phi_terms(grad_x, center, p, one_sided)[0].mean()
+
+
+def _phi_terms(grad_x, center: float, p: float, one_sided: bool):
+    """``(phi(n_i), n_i)`` in plain torch ops: the per-sample norms over all non-batch dims in
+    float32 (float64 for a float64 gradient) and ``|n - center|^p`` (``max(0, n - center)^p``)."""
+    n = grad_x.reshape(grad_x.shape[0], -1).to(acc_dtype(grad_x.dtype)).norm(dim=1)
     d = n - center
-    return weight * (d.clamp_min(0) if one_sided else d.abs()).pow(p).mean()
+    return (d.clamp_min(0) if one_sided else d.abs()).pow(p), n
 
 
 def _penalty(grad_x, cfg: PenaltyConfig, backend, reduction: str = "mean"):
@@ -362,9 +375,8 @@ def _penalty(grad_x, cfg: PenaltyConfig, backend, reduction: str = "mean"):
     if reduction == "mean":
         return grad_norm_penalty_and_norms(grad_x, weight=cfg.weight, center=cfg.center, p=cfg.p,
                                            one_sided=cfg.one_sided, backend=backend)
-    n = grad_x.reshape(grad_x.shape[0], -1).to(acc_dtype(grad_x.dtype)).norm(dim=1)
-    d = n - cfg.center
-    return cfg.weight * (d.clamp_min(0) if cfg.one_sided else d.abs()).pow(cfg.p).max(), n.detach()
+    terms, n = _phi_terms(grad_x, cfg.center, cfg.p, cfg.one_sided)
+    return cfg.weight * terms.max(), n.detach()
 
 
 def _check_reduction(reduction) -> None:
@@ -478,7 +490,7 @@ def _lazy_count(critic) -> int:
 _BATCH_STATISTICS = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
-def _samples_apart(critic) -> bool:
+def _is_per_sample(critic) -> bool:
     """Whether ``critic(cat(real, fake))`` gives each sample what ``critic(real)`` /
     ``critic(fake)`` give it: no layer normalising with the batch's statistics (a BatchNorm in
     training mode, or one without running statistics) in the module the critic is or wraps. A
@@ -584,12 +596,12 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
         cfg = replace(cfg, weight=cfg.weight * every)
     b = real.shape[0]
     if shared_forward is None:
-        shared_forward = _samples_apart(critic)
+        shared_forward = _is_per_sample(critic)
     if not shared_forward:
         return _critic_loss_apart(critic, real, fake, cfg if apply else None, generator, scaler, backend, reduction,
                                   loss)
     both = torch.cat([real.detach(), fake.detach()])
-    pen = None
+    pen = norms = None
     if apply and cfg.sampling in _SHARED_FORWARD:
         out, grad_x = input_gradient(critic, both, scaler=scaler)
         use_real, use_fake = _SHARED_FORWARD[cfg.sampling]
@@ -602,7 +614,7 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
             x = _sample(real, fake, cfg.sampling, generator)
             _, grad_x = input_gradient(critic, x, scaler=scaler)
             pen, norms = _penalty(grad_x, cfg, backend, reduction)
-    return _loss_and_stats(out, b, pen, norms if pen is not None else None, loss)
+    return _loss_and_stats(out, b, pen, norms, loss)
 
 
 def _loss_and_stats(out, b, pen, norms, adversarial="wasserstein"):

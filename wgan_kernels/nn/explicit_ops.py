@@ -536,11 +536,23 @@ class AvgPool2dOp(Op):
         return dim if dim == 4 else None
 
 
-class FlattenOp(Op):
+class _ReshapeOp(Op):
+    """A reshape of each sample: ``forward`` saves the input's shape, the adjoint reshapes back,
+    the tangent is the forward itself."""
+
+    piecewise_linear = linear = True
+
+    def vjp(self, p, shape, g, first_order=False):
+        return g.reshape(shape)
+
+    def tangent(self, p, shape, psi):
+        return self.forward(p, psi)[0]
+
+
+class FlattenOp(_ReshapeOp):
     """Reshape forward, reshape back."""
 
     torch_type = nn.Flatten
-    piecewise_linear = linear = True
 
     def __init__(self, start_dim: int = 1, end_dim: int = -1):
         self.start_dim, self.end_dim = start_dim, end_dim
@@ -551,12 +563,6 @@ class FlattenOp(Op):
 
     def forward(self, p, x):
         return x.flatten(self.start_dim, self.end_dim), x.shape
-
-    def vjp(self, p, shape, g, first_order=False):
-        return g.reshape(shape)
-
-    def tangent(self, p, shape, psi):
-        return psi.flatten(self.start_dim, self.end_dim)
 
     def chain_dim(self, dim, x):
         start, end = self.start_dim % dim, self.end_dim % dim
@@ -687,11 +693,9 @@ class MulOp(Op):
         return dim
 
 
-class ReshapeOp(Op):
+class ReshapeOp(_ReshapeOp):
     """A reshape of each sample (``view``, ``reshape``, ``flatten``, ``unflatten``, ``squeeze``,
     ``unsqueeze`` that keep the batch dimension first): ``(N, *shape)``; back to the input's shape."""
-
-    piecewise_linear = linear = True
 
     def __init__(self, shape):
         self.shape = tuple(shape)
@@ -699,21 +703,14 @@ class ReshapeOp(Op):
     def forward(self, p, x):
         return x.reshape((x.shape[0],) + self.shape), x.shape
 
-    def vjp(self, p, shape, g, first_order=False):
-        return g.reshape(shape)
-
-    def tangent(self, p, shape, psi):
-        return psi.reshape((psi.shape[0],) + self.shape)
-
     def chain_dim(self, dim, x):
         return 1 + len(self.shape)
 
 
-class UnflattenOp(Op):
+class UnflattenOp(_ReshapeOp):
     """``nn.Unflatten`` of a non-batch dim; back by a reshape."""
 
     torch_type = nn.Unflatten
-    piecewise_linear = linear = True
 
     def __init__(self, dim: int, sizes):
         self.dim, self.sizes = dim, tuple(sizes)
@@ -732,12 +729,6 @@ class UnflattenOp(Op):
         if self.dim % x.dim() == 0:
             raise ValueError(f"Unflatten: dim {self.dim} is the batch dimension of a {x.dim()}-D input")
         return x.unflatten(self.dim, self.sizes), x.shape
-
-    def vjp(self, p, shape, g, first_order=False):
-        return g.reshape(shape)
-
-    def tangent(self, p, shape, psi):
-        return psi.unflatten(self.dim, self.sizes)
 
     def chain_dim(self, dim, x):
         return dim + len(self.sizes) - 1 if self.dim % dim != 0 else None

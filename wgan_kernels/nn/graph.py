@@ -66,6 +66,12 @@ class Prod:
         self.a, self.b, self.broadcast = a, b, broadcast
 
 
+def _batched(t, n: int):
+    """An input-independent part of a concatenation, shared by the samples (first dim 1) or
+    one per sample: as ``n`` rows."""
+    return t.expand((n,) + t.shape[1:]) if t.shape[0] == 1 and n != 1 else t
+
+
 def _acc(grads, i, g):
     grads[i] = g if grads[i] is None else grads[i] + g
 
@@ -94,8 +100,7 @@ class GraphOp(Op):
         return y if node.const is None else y + node.const.value
 
     def _cat(self, node, values, n):
-        return torch.cat([values[q] if isinstance(q, int) else q.value.expand((n,) + q.value.shape[1:])
-                          if q.value.shape[0] == 1 and n != 1 else q.value for q in node.parts], node.dim)
+        return torch.cat([values[q] if isinstance(q, int) else _batched(q.value, n) for q in node.parts], node.dim)
 
     def forward(self, p, x):
         # forward_fused may take the Triton activation kernels; under autocast the plain forward

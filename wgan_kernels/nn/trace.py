@@ -281,8 +281,9 @@ class _Program:
     """The ops of one input signature: the ``GraphOp``, the fx nodes to evaluate before each
     forward (``consts``), and for each op with parameters its binder."""
 
-    def __init__(self, graph_op, consts, binders, holders, dep, shapes, dtypes):
-        self.graph_op, self.consts, self.binders, self.holders = graph_op, consts, binders, holders
+    def __init__(self, graph_op, placeholders, consts, binders, holders, dep, shapes, dtypes):
+        self.graph_op, self.placeholders, self.consts = graph_op, placeholders, consts
+        self.binders, self.holders = binders, holders
         self.dep, self.shapes, self.dtypes = dep, shapes, dtypes
 
 
@@ -425,7 +426,7 @@ def _build(critic: nn.Module, graph: fx.Graph, inputs: dict, output) -> _Program
             needed.add(node)
             stack.extend(a for a in node.all_input_nodes if a not in dep)
     consts = [node for node in graph.nodes if node in needed and node.op not in ("placeholder", "output")]
-    return _Program(GraphOp(nodes, index[result]), consts, binders, holders, dep, shapes, dtypes)
+    return _Program(GraphOp(nodes, index[result]), placeholders, consts, binders, holders, dep, shapes, dtypes)
 
 
 def _dims(dim, rank):
@@ -650,7 +651,6 @@ class TracedCritic(InputGradModule):
         except Unsupported as e:
             self.__dict__["_trace_error"] = str(e)
         self.__dict__["_programs"] = {}
-        self.__dict__["noted"] = set()  # fallback reasons already reported (by losses)
 
     def __deepcopy__(self, memo):
         """A copy over a copy of the module (the shared dicts copied once, through ``memo``); the
@@ -660,8 +660,6 @@ class TracedCritic(InputGradModule):
         for key, value in self.__dict__.items():
             if key == "_programs":
                 new.__dict__[key] = {}
-            elif key == "noted":
-                new.__dict__[key] = set()
             else:
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
@@ -717,7 +715,7 @@ class TracedCritic(InputGradModule):
         for hook in hooks:
             hook.before(critic, (x,))
         try:
-            _bind(critic, self._graph, program, x, args, kwargs)
+            _bind(critic, program, x, args, kwargs)
             root = program.graph_op
             chain = _chain.plan_root(root, x)
             if chain is not None:
@@ -749,11 +747,11 @@ def _fetch_attr(module, target: str):
     return module
 
 
-def _bind(critic, graph, program: _Program, x, args, kwargs) -> None:
+def _bind(critic, program: _Program, x, args, kwargs) -> None:
     """Evaluates the input-independent nodes (and shape queries, from the input's shape) and
     gives every op its parameters for this forward."""
     env: dict[fx.Node, object] = {}
-    placeholders = [p for p in graph.nodes if p.op == "placeholder"]
+    placeholders = program.placeholders
     inputs = _bind_inputs(placeholders, (x,) + tuple(args), kwargs)
     for p in placeholders:
         env[p] = inputs[p.target]
