@@ -21,7 +21,7 @@ CUDA: max_memory_allocated).
 
 import pytest
 import torch
-from conftest import DEVICE, QUICK, interleaved, record
+from conftest import DEVICE, QUICK, interleaved, peak_bytes, record
 
 import wgan_kernels as wk
 from wgan_kernels.eager import critic_loss_eager
@@ -61,27 +61,6 @@ def ours_step(critic, real, fake, loss, as_function=False):
 def plain_step(critic, real, fake):
     critic.zero_grad(set_to_none=True)
     critic(torch.cat([real, fake])).mean().backward()
-
-
-def peak_bytes(fn) -> int:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
-                    key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
 
 
 def build(loss, model, impl):

@@ -72,6 +72,29 @@ def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, war
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 
+def peak_bytes(fn) -> int:
+    """Peak memory allocated during one call of fn, above what was allocated before it (CUDA:
+    max_memory_allocated; CPU: the running sum of torch.profiler's allocation events)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    current = peak = 0
+    for e in events:
+        current += e.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak
+
+
 @pytest.fixture(scope="session")
 def device():
     return DEVICE

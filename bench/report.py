@@ -48,6 +48,11 @@ TARGETS = {
         ("SN critic forward", "resnet32-b1"): {"ratio": 1.5},
         ("SN critic step", "dcgan64-b64"): {"ratio": 1.1},
         ("SN critic step", "resnet32-b64"): {"ratio": 1.1},
+        # whole generator steps of the image trainer (5 critic steps + 1 generator step)
+        ("train-step", "wgan-div/dcgan32-b64"): {"ratio": 1.4, "memory": 1.0},
+        ("train-step", "wgan-gp/dcgan32-b64"): {"ratio": 1.4, "memory": 1.0},
+        ("train-step", "wgan-div/resnet32-b64"): {"ratio": 1.5, "memory": 1.0},
+        ("train-step", "wgan-gp/resnet32-b64"): {"ratio": 1.5, "memory": 1.0},
     },
     "cuda": {
         ("clip_", "dcgan64"): {"ratio": 10.0},

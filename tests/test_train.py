@@ -188,7 +188,7 @@ def test_two_processes_refuse_an_r_of_x_that_pairs_rows_across_the_batch(tmp_pat
 # image models (DCGAN on digits32)
 # ----------------------------------------------------------------------------------------------
 
-DCGAN_CFG = dict(model="dcgan", dataset="digits32", hidden=32, batch_size=8, steps=1, n_critic=1, eval_every=1,
+DCGAN_CFG = dict(model="dcgan", dataset="digits32", hidden=8, batch_size=8, steps=1, n_critic=1, eval_every=1,
                  eval_samples=64, checkpoint_every=100, log_every=1, progress=False)
 
 

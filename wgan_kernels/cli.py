@@ -85,8 +85,8 @@ def _cmd_bench(args) -> int:
         return rc or int(failed)
 
 
-_TRAIN_FIELDS = ("loss", "dataset", "backend", "steps", "n_critic", "batch_size", "lr", "hidden", "model", "seed",
-                 "eval_every", "checkpoint_every", "device", "out")
+_TRAIN_FIELDS = ("loss", "dataset", "backend", "steps", "n_critic", "batch_size", "lr", "hidden", "model", "resolution",
+                 "seed", "eval_every", "checkpoint_every", "device", "out", "fid_weights")
 
 
 def _train_config(args):
@@ -109,6 +109,8 @@ def _train_config(args):
         if value is not None:
             setattr(cfg, key, value)
     cfg.progress = not args.quiet
+    if args.tensorboard:
+        cfg.tensorboard = True
     return cfg
 
 
@@ -221,15 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a WGAN on an embedded dataset, fused or eager")
     train.add_argument("--loss", choices=LOSSES + tuple(LOSS_ALIASES), help="default wgan-div (gp, div: the same as "
                        "wgan-gp, wgan-div)")
-    train.add_argument("--dataset", choices=DATASETS, help="default 8gaussians")
+    train.add_argument("--dataset", metavar="DATASET", help=f"one of {', '.join(DATASETS)} (embedded), or image "
+                       "files: folder:PATH (PNG/JPEG tree), cifar10:PATH (the python batches), tensor:PATH (.npz/.pt, "
+                       "N x C x H x W); default 8gaussians")
     train.add_argument("--backend", choices=["fused", "eager"], help="default fused")
     train.add_argument("--steps", type=int, help="generator steps (default 1000)")
     train.add_argument("--n-critic", type=int, help="critic steps per generator step (default 5)")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
-    train.add_argument("--hidden", type=int)
-    train.add_argument("--model", choices=["mlp", "dcgan"], help="default mlp; dcgan: 32x32 or 64x64 images "
-                       "(e.g. --dataset digits32), first conv width hidden // 4")
+    train.add_argument("--hidden", type=int, help="model width (default: MLP 256 units, DCGAN 64, ResNet 128 "
+                       "channels)")
+    train.add_argument("--model", choices=["mlp", "dcgan", "resnet"], help="default mlp; dcgan, resnet: 32x32 or "
+                       "64x64 images (e.g. --dataset digits32)")
+    train.add_argument("--resolution", type=int, choices=[32, 64], help="image side (default: the data's own; "
+                       "32 for folders)")
+    train.add_argument("--tensorboard", action="store_true", help="scalars and sample grids in OUT/tensorboard")
+    train.add_argument("--fid-weights", metavar="PATH", help="torch-fidelity's Inception weights (.pth) for FID and "
+                       "KID at each evaluation (default: torch's hub cache; absent: sliced W only, nothing downloaded)")
     train.add_argument("--seed", type=int)
     train.add_argument("--eval-every", type=int)
     train.add_argument("--checkpoint-every", type=int)

@@ -155,22 +155,81 @@ class _ResBlock(nn.Module):
         return h + s
 
 
-class ResNet32Critic(nn.Module):
-    """``resnet32_critic()`` as a custom module: the same parameter shapes, residual ``+``,
-    ``F.relu``, a spatial mean written as ``torch.sum(h, dim=(2, 3)) / 64``."""
+class ResNetCritic(nn.Module):
+    """WGAN-GP's CIFAR-10 ResNet critic for (channels, resolution, resolution) images, written as
+    public GAN code writes it (residual ``+``, ``F.relu``, a spatial reduction with ``torch.sum``):
+    an optimised first block with downsampling, downsampling blocks to 8x8 (one at 32 px, two at
+    64 px), two plain blocks, ReLU, a spatial mean (``pool="mean"``, WGAN-GP) or sum
+    (``pool="sum"``, SN-GAN's variant), Linear(width, 1)."""
 
-    def __init__(self, channels: int = 128):
+    def __init__(self, channels: int = 3, resolution: int = 32, width: int = 128, pool: str = "mean"):
         super().__init__()
-        self.blocks = nn.Sequential(
-            _ResBlock(3, channels, True, first=True), _ResBlock(channels, channels, True),
-            _ResBlock(channels, channels, False), _ResBlock(channels, channels, False),
-        )
-        self.fc = nn.Linear(channels, 1)
+        if pool not in ("mean", "sum"):
+            raise ValueError(f"pool: expected 'mean' or 'sum', got {pool!r}")
+        downs = _resnet_stages(resolution) - 1  # to 8x8: the first block and these halve the size
+        blocks = [_ResBlock(channels, width, True, first=True)]
+        blocks += [_ResBlock(width, width, True) for _ in range(downs)]
+        blocks += [_ResBlock(width, width, False), _ResBlock(width, width, False)]
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(width, 1)
+        self.mean = pool == "mean"
 
     def forward(self, x):
         h = nn.functional.relu(self.blocks(x))
-        h = torch.sum(h, dim=(2, 3)) / 64.0
+        h = torch.sum(h, dim=(2, 3))  # over the final 8x8 map
+        if self.mean:
+            h = h / 64.0
         return self.fc(h)
+
+
+class ResNet32Critic(ResNetCritic):
+    """``resnet32_critic()`` as a custom module (3x32x32 input): the same parameter shapes."""
+
+    def __init__(self, channels: int = 128):
+        super().__init__(3, 32, channels)
+
+
+def _resnet_stages(resolution: int) -> int:
+    """The generator's factor-2 upsamplings from its first 4x4 map to the image (3 at 32 px, 4 at
+    64 px); the critic's downsamplings to 8x8 are one fewer."""
+    if isinstance(resolution, bool) or resolution not in (32, 64):
+        raise ValueError(f"resolution: expected 32 or 64, got {resolution!r}")
+    return 3 if resolution == 32 else 4
+
+
+class _UpBlock(nn.Module):
+    """WGAN-GP's CIFAR-10 generator block: BN ReLU upsample(2) conv3x3 BN ReLU conv3x3, plus an
+    upsampled 1x1-conv shortcut."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x):
+        F = nn.functional
+        h = F.interpolate(F.relu(self.bn1(x)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h))))
+        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResNetGenerator(nn.Module):
+    """WGAN-GP's CIFAR-10 ResNet generator: Linear(z, 4x4 width), upsampling blocks to the
+    resolution (3 at 32 px, 4 at 64 px), BN ReLU conv3x3 to the image channels, tanh."""
+
+    def __init__(self, z_dim: int, channels: int = 3, resolution: int = 32, width: int = 128):
+        super().__init__()
+        self.width = width
+        self.fc = nn.Linear(z_dim, 4 * 4 * width)
+        self.blocks = nn.Sequential(*(_UpBlock(width, width) for _ in range(_resnet_stages(resolution))))
+        self.bn = nn.BatchNorm2d(width)
+        self.out = nn.Conv2d(width, channels, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.blocks(self.fc(z).view(-1, self.width, 4, 4))
+        return torch.tanh(self.out(nn.functional.relu(self.bn(h))))
 
 
 # ----------------------------------------------------------------------------- image GANs

@@ -14,7 +14,11 @@ from ..losses import PRESETS, STRATEGIES
 from . import datasets as ds
 
 LOSSES = ("wgan", "wgan-gp", "wgan-div", "sngan")
-MODELS = ("mlp", "dcgan")
+MODELS = ("mlp", "dcgan", "resnet")
+# the models' width when ``hidden`` is not given: MLP units; DCGAN: the first conv's channels
+# (doubling per stage); ResNet: the channels of every block (WGAN-GP's CIFAR-10 128)
+HIDDEN = {"mlp": 256, "dcgan": 64, "resnet": 128}
+RESOLUTIONS = (32, 64)
 # the penalty presets' names (and underscore spellings) for the trainer's losses
 LOSS_ALIASES = {"gp": "wgan-gp", "div": "wgan-div", "wgan_gp": "wgan-gp", "wgan_div": "wgan-div", "sn-gan": "sngan"}
 BACKENDS = ("fused", "eager")
@@ -31,8 +35,9 @@ class TrainConfig:
     n_critic: int = 5               # critic steps per generator step (the papers' 5)
     batch_size: int | None = None   # 256 for 2-D data, 64 otherwise
     lr: float | None = None         # per-loss default (see optimizer_defaults)
-    hidden: int = 256               # MLP width; DCGAN: the first conv's channels = hidden // 4
-    model: str = "mlp"              # "mlp", or "dcgan" (image data of 32x32 or 64x64: e.g. digits32)
+    hidden: int | None = None       # the model's width (HIDDEN: MLP 256 units, DCGAN 64, ResNet 128 channels)
+    model: str = "mlp"              # "mlp", "dcgan" or "resnet" (the last two: images, e.g. digits32)
+    resolution: int | None = None   # image side for image data: 32 or 64 (None: the data's own, else 32)
     z_dim: int | None = None        # 2 for 2-D data, 32 otherwise
     penalty_weight: float | None = None  # GP: 0.1 on 2-D data (WGAN-GP toys), 10 otherwise; div: k 2
     div_p: float = 6.0
@@ -45,6 +50,8 @@ class TrainConfig:
     log_every: int = 10
     device: str = "cpu"
     out: str | None = None
+    tensorboard: bool = False       # scalars and sample grids for TensorBoard in out/tensorboard
+    fid_weights: str | None = None  # Inception weights (torch-fidelity's .pth) for FID/KID; None: its cache
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -55,7 +62,8 @@ class TrainConfig:
 
 # What a resumed run may set differently from the run that wrote the checkpoint; every other
 # setting changes the training (or what its metrics mean), so a difference is refused.
-RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "out")
+RESUMABLE = ("steps", "eval_every", "checkpoint_every", "log_every", "progress", "out", "tensorboard",
+             "fid_weights")
 _MAX_SEED = 2**63 - 3  # seed + 2 seeds the device generator
 
 
@@ -80,9 +88,13 @@ def check(cfg: TrainConfig) -> None:
     if cfg.backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
     if not isinstance(cfg.dataset, str):
-        raise ValueError(f"dataset: expected one of {ds.DATASETS} (pass tensors as data=), got {cfg.dataset!r}")
-    for name in ("steps", "n_critic", "eval_every", "checkpoint_every", "log_every", "hidden", "eval_samples"):
+        raise ValueError(f"dataset: expected one of {ds.DATASETS} or {ds.FILE_KINDS} (pass tensors as data=), "
+                         f"got {cfg.dataset!r}")
+    for name in ("steps", "n_critic", "eval_every", "checkpoint_every", "log_every", "eval_samples"):
         _int(name, getattr(cfg, name))
+    _int("hidden", cfg.hidden, optional=True)
+    if cfg.resolution is not None and (isinstance(cfg.resolution, bool) or cfg.resolution not in RESOLUTIONS):
+        raise ValueError(f"resolution: expected one of {RESOLUTIONS} or None, got {cfg.resolution!r}")
     _int("batch_size", cfg.batch_size, optional=True)
     _int("z_dim", cfg.z_dim, optional=True)
     _int("seed", cfg.seed, 0, high=_MAX_SEED)
@@ -100,8 +112,13 @@ def check(cfg: TrainConfig) -> None:
     check_device(cfg.device)
     if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
         raise ValueError(f"out: expected a folder path or None, got {type(cfg.out).__name__}")
-    if not isinstance(cfg.progress, bool):
-        raise ValueError(f"progress: expected a bool, got {cfg.progress!r}")
+    for name in ("progress", "tensorboard"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"{name}: expected a bool, got {getattr(cfg, name)!r}")
+    if cfg.tensorboard and cfg.out is None:
+        raise ValueError("tensorboard: needs out= (the event files go to out/tensorboard)")
+    if cfg.fid_weights is not None and not isinstance(cfg.fid_weights, (str, os.PathLike)):
+        raise ValueError(f"fid_weights: expected a file path or None, got {type(cfg.fid_weights).__name__}")
     if not isinstance(cfg.extra, dict) or not all(isinstance(k, str) for k in cfg.extra):
         raise ValueError(f"extra: expected a dict with str keys, got {cfg.extra!r}")
     try:  # stored in checkpoints and metrics.json: plain data only
@@ -136,11 +153,15 @@ def penalty_defaults(loss: str, two_d: bool) -> tuple[float | None, str | None]:
     return weight, preset.sampling
 
 
-def optimizer_defaults(loss: str) -> tuple[str, dict]:
+def optimizer_defaults(loss: str, image: bool = False) -> tuple[str, dict]:
+    """(optimizer, hyper-parameters) of a loss; ``image``: the conv models' (the WGAN-div paper's
+    Adam 2e-4, betas (0.5, 0.999) for WGAN-div on images)."""
     if loss == "wgan":  # Arjovsky et al. 2017: RMSprop 5e-5, clip 0.01
         return "rmsprop", {"lr": 5e-5}
     if loss == "wgan-gp":  # Gulrajani et al. 2017: Adam 1e-4, betas (0, 0.9)
         return "adam", {"lr": 1e-4, "betas": (0.0, 0.9)}
-    if loss == "wgan-div":  # measured on the toys (DESIGN.md): Adam 1e-4, betas (0.5, 0.9)
-        return "adam", {"lr": 1e-4, "betas": (0.5, 0.9)}
+    if loss == "wgan-div":
+        if image:  # Wu et al. 2018, their CIFAR-10 / CelebA / LSUN settings
+            return "adam", {"lr": 2e-4, "betas": (0.5, 0.999)}
+        return "adam", {"lr": 1e-4, "betas": (0.5, 0.9)}  # measured on the toys (DESIGN.md)
     return "adam", {"lr": 2e-4, "betas": (0.5, 0.999)}  # SN-GAN (Miyato et al. 2018), n_dis 5

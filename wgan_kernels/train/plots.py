@@ -1,5 +1,5 @@
-"""Pictures of a run: samples (2-D scatter over the critic's contours, or an image grid) and the
-loss and metric curves. matplotlib, headless."""
+"""Pictures of a run: samples (2-D scatter over the critic's contours, or the image grid of
+``images.save_grid``) and the loss and metric curves. matplotlib, headless."""
 
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ def pyplot():
 def save_pictures(trainer, out: Path) -> None:
     plt = pyplot()
     device = trainer.device
-    trainer.G.eval()
-    fake = trainer.G(trainer.eval_z.to(device)).cpu()
-    trainer.G.train()
+    fake = trainer.samples()
     real = trainer.eval_real
     title = f"{trainer.cfg.loss} / {trainer.cfg.backend}, step {trainer.step}"
     if trainer.sampler.dim == 2:
@@ -39,19 +37,15 @@ def save_pictures(trainer, out: Path) -> None:
         ax.scatter(fake[:, 0], fake[:, 1], s=3, c="gold", label="generated")
         ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title + " (critic contours)", fontsize=9)
-    else:
-        n = 64
-        imgs = fake[:n].reshape(n, -1, *fake.shape[-2:])[:, 0]
-        side = int(n**0.5)
-        h, w = imgs.shape[-2:]
-        canvas = imgs[: side * side].reshape(side, side, h, w).permute(0, 2, 1, 3).reshape(side * h, side * w)
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(canvas.clamp(-1, 1), cmap="gray")
-        ax.axis("off")
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "samples.png", dpi=100)
-    plt.close(fig)
+    else:  # images: the grid of the fixed noise's first 64 samples, as saved per evaluation
+        from .images import save_grid
+
+        save_grid(fake[:64].reshape(-1, *trainer.sampler.shape), out / "samples.png")
+        fig = None
+    if fig is not None:
+        fig.tight_layout()
+        fig.savefig(out / "samples.png", dpi=100)
+        plt.close(fig)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     hist = trainer.history

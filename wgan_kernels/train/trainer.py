@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import asdict
@@ -24,12 +25,12 @@ import torch
 
 from .. import ClippedRMSprop, critic_loss
 from ..eager import critic_loss_eager
-from ..models import DCGANCritic, dcgan_generator, mlp_critic, mlp_generator
+from ..models import DCGANCritic, ResNetCritic, ResNetGenerator, dcgan_generator, mlp_critic, mlp_generator
 from ..nn.spectral import SN_LAYERS, spectral_norm_all
 from . import checkpoint as ckpt_io
 from . import datasets as ds
 from .checkpoint import CheckpointError, RunFolder
-from .config import (BACKENDS, LOSSES, PENALTY_PRESET, RESUMABLE, TrainConfig, check, optimizer_defaults,
+from .config import (BACKENDS, HIDDEN, LOSSES, PENALTY_PRESET, RESUMABLE, TrainConfig, check, optimizer_defaults,
                      penalty_defaults)
 from .metrics import metric_for
 from .parallel import DataParallel
@@ -48,10 +49,12 @@ class Trainer:
         if cfg.out is not None:
             cfg.out = os.fspath(cfg.out)  # stored as plain data
         self.cfg = cfg
-        self.sampler = ds.load(data if data is not None else cfg.dataset)
+        self.sampler = ds.load(data if data is not None else cfg.dataset, cfg.resolution)
         two_d = self.sampler.dim == 2
         self.batch = cfg.batch_size if cfg.batch_size is not None else (256 if two_d else 64)
-        self.z_dim = cfg.z_dim if cfg.z_dim is not None else (2 if two_d else 32)
+        # the image models' noise as in the papers (WGAN-GP's CIFAR-10 128), else small
+        self.z_dim = cfg.z_dim if cfg.z_dim is not None else (2 if two_d else 32 if cfg.model == "mlp" else 128)
+        self.hidden = cfg.hidden if cfg.hidden is not None else HIDDEN[cfg.model]
         self.device = torch.device(cfg.device)
         weight, sampling = penalty_defaults(cfg.loss, two_d)
         self.penalty_weight = cfg.penalty_weight if cfg.penalty_weight is not None else weight
@@ -61,6 +64,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # model init: the same for both backends
         self.G, self.D = self._models()
+        self._g_couples = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.G.modules())
         self.critic = self.D  # what the critic loss runs (the explicit path on the fused backend)
         if cfg.loss == "sngan":
             self._apply_spectral_norm()
@@ -72,7 +76,7 @@ class Trainer:
             except ValueError as e:  # said once, not silently: the penalty then takes double backward
                 warnings.warn(f"wgan_kernels.train: the critic has no explicit input-gradient path ({e}); the "
                               "fused backend computes its penalty with double backward", RuntimeWarning, stacklevel=2)
-        kind, hp = optimizer_defaults(cfg.loss)
+        kind, hp = optimizer_defaults(cfg.loss, image=cfg.model != "mlp")
         if cfg.lr is not None:
             hp["lr"] = float(cfg.lr)
         self.optimizer = {"optimizer": kind, **hp}  # name, lr (and betas): part of the run's settings
@@ -90,10 +94,23 @@ class Trainer:
         self.evals: list[dict] = []
         self.wall = 0.0
         self.metric_name, self.metric_fn = metric_for(self.sampler.dim)
+        self.fidelity, self.fidelity_note = None, None  # FID/KID (image data, Inception weights present)
+        if self.sampler.is_image:
+            from . import fidelity
+
+            self.fidelity, self.fidelity_note = fidelity.setup(cfg.fid_weights, cuda=self.device.type == "cuda")
+        elif cfg.fid_weights is not None:
+            raise ValueError(f"fid_weights: FID/KID are for image data, not dataset {self.sampler.name!r}")
+        if cfg.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:  # torch.utils.tensorboard writes with it
+                raise ValueError("tensorboard: needs the tensorboard package (pip install tensorboard)")
         eval_gen = torch.Generator().manual_seed(12345)  # the same evaluation sample for every run
         self.eval_real = self.sampler.sample(cfg.eval_samples, eval_gen)
         self.eval_z = torch.randn(cfg.eval_samples, self.z_dim, generator=eval_gen)
         self.folder = RunFolder(cfg.out) if cfg.out is not None and self.rank == 0 else None  # rank 0 writes
+        self.board = None  # the TensorBoard writer, while fit() runs with tensorboard=True
         self._data_id = None
 
     def _models(self):
@@ -101,14 +118,18 @@ class Trainer:
         backends: the seed is set before)."""
         cfg, shape = self.cfg, self.sampler.shape
         if cfg.model == "mlp":
-            return (mlp_generator(self.z_dim, cfg.hidden, shape).to(self.device),
-                    mlp_critic(cfg.hidden, self.sampler.dim, shape).to(self.device))
+            return (mlp_generator(self.z_dim, self.hidden, shape).to(self.device),
+                    mlp_critic(self.hidden, self.sampler.dim, shape).to(self.device))
         if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in (32, 64):
-            raise ValueError(f"model: 'dcgan' needs images of 32x32 or 64x64 (e.g. dataset digits32), got samples of "
-                             f"shape {shape}")
-        width = max(cfg.hidden // 4, 1)
-        return (dcgan_generator(self.z_dim, shape[0], shape[1], width).to(self.device),
-                DCGANCritic(shape[0], shape[1], width).to(self.device))
+            raise ValueError(f"model: {cfg.model!r} needs images of 32x32 or 64x64 (e.g. dataset digits32; image "
+                             f"files are resized by resolution=), got samples of shape {shape}")
+        c, res, width = shape[0], shape[1], self.hidden
+        if cfg.model == "dcgan":
+            return (dcgan_generator(self.z_dim, c, res, width).to(self.device),
+                    DCGANCritic(c, res, width).to(self.device))
+        # SN-GAN's ResNet critic sums over space where WGAN-GP's averages
+        return (ResNetGenerator(self.z_dim, c, res, width).to(self.device),
+                ResNetCritic(c, res, width, pool="sum" if cfg.loss == "sngan" else "mean").to(self.device))
 
     def _apply_spectral_norm(self) -> None:
         if self.cfg.backend == "fused":
@@ -129,6 +150,15 @@ class Trainer:
 
     def _noise(self, n):
         return torch.randn(n, self.z_dim, generator=self.gen).to(self.device)
+
+    def _fake(self, z: torch.Tensor) -> torch.Tensor:
+        """This process's rows of G(z) for the global noise batch z. A generator with BatchNorm
+        (the image models') runs on all of z in every process, so that its batch statistics are
+        the global batch's and N processes make the updates of one (SyncBatchNorm needs CUDA);
+        one without runs on its rows only."""
+        if self.parallel.world > 1 and self._g_couples:
+            return self.parallel.rows(self.G(z))
+        return self.G(self.parallel.rows(z))
 
     def _critic_step(self, real, fake) -> dict:
         cfg = self.cfg
@@ -154,7 +184,7 @@ class Trainer:
 
     def _generator_step(self) -> torch.Tensor:
         self.opt_g.zero_grad(set_to_none=True)
-        loss = -self.D(self.G(self.parallel.rows(self._noise(self.batch)))).mean()
+        loss = -self.D(self._fake(self._noise(self.batch))).mean()
         loss.backward()
         self.parallel.all_reduce_grads(self.G)
         self.opt_g.step()
@@ -167,18 +197,45 @@ class Trainer:
         for _ in range(self.cfg.n_critic):
             real = self.parallel.rows(self.sampler.sample(self.batch, self.gen)).to(self.device)
             with torch.no_grad():
-                fake = self.G(self.parallel.rows(self._noise(self.batch)))
+                fake = self._fake(self._noise(self.batch))
             stats = self._critic_step(real, fake)
         return stats, self._generator_step()
 
     # ---- evaluation, checkpoints
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def samples(self, n: int | None = None) -> torch.Tensor:
+        """The generator's samples of the fixed evaluation noise (the first ``n``), on the CPU."""
         self.G.eval()
-        fake = self.G(self.eval_z.to(self.device)).cpu()
+        fake = self.G(self.eval_z[:n].to(self.device)).cpu()
         self.G.train()
-        return self.metric_fn(fake, self.eval_real)
+        return fake
+
+    def evaluate(self) -> float:
+        """The offline metric (W1 on 2-D data, sliced W on pixels otherwise)."""
+        return self.metric_fn(self.samples(), self.eval_real)
+
+    def evaluation(self) -> dict:
+        """One evaluation row: the offline metric, FID and KID when they are set up; on image data
+        with ``out``, the sample grid of the fixed noise in ``out/samples/step_NNNNNN.png``."""
+        fake = self.samples()
+        row = {"step": self.step, self.metric_name: self.metric_fn(fake, self.eval_real)}
+        if self.fidelity is not None:
+            row.update(self.fidelity(fake, self.eval_real))
+        if self.sampler.is_image and self.folder is not None:
+            from .images import save_grid
+
+            (self.folder.path / "samples").mkdir(exist_ok=True)
+            save_grid(fake[:64], self.folder.path / "samples" / f"step_{self.step:06d}.png")
+        if self.board is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.board.add_scalar(f"eval/{k}", v, self.step)
+            if self.sampler.is_image:
+                from .images import grid
+
+                self.board.add_image("samples", grid(fake[:64]), self.step, dataformats="HWC")
+        return row
 
     def settings(self) -> dict:
         """The resolved settings that determine the training (defaults filled in); stored in
@@ -186,10 +243,14 @@ class Trainer:
         cfg = self.cfg
         if self._data_id is None:
             data = self.sampler.data
-            self._data_id = (self.sampler.name if self.sampler.name != "tensor" else
-                             f"tensor{tuple(data.shape)}:{ckpt_io.digest(data)[:16]}")
+            if self.sampler.name == "tensor":  # data= given as a tensor
+                self._data_id = f"tensor{tuple(data.shape)}:{ckpt_io.digest(data)[:16]}"
+            elif hasattr(data, "digest"):  # image files: their content, not only the path
+                self._data_id = f"{self.sampler.name}:{data.digest()[:16]}"
+            else:
+                self._data_id = self.sampler.name
         out = {"loss": cfg.loss, "dataset": self._data_id, "backend": cfg.backend, "n_critic": cfg.n_critic,
-               "batch_size": self.batch, **self.optimizer, "hidden": cfg.hidden, "z_dim": self.z_dim,
+               "batch_size": self.batch, **self.optimizer, "hidden": self.hidden, "z_dim": self.z_dim,
                "seed": cfg.seed, "eval_samples": cfg.eval_samples, "device": self.device.type, "extra": cfg.extra}
         if cfg.loss in ("wgan-gp", "wgan-div"):
             out.update(penalty_weight=self.penalty_weight, sampling=self.sampling)
@@ -199,6 +260,8 @@ class Trainer:
             out["clip_value"] = cfg.clip_value
         if cfg.model != "mlp":
             out["model"] = cfg.model
+        if self.sampler.is_image:
+            out["resolution"] = self.sampler.shape[-1]
         return out
 
     def state(self) -> dict:
@@ -275,8 +338,17 @@ class Trainer:
     def fit(self) -> dict:
         self.acquire_folder()
         try:
+            if self.cfg.tensorboard and self.folder is not None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.board = SummaryWriter(os.fspath(self.folder.path / "tensorboard"))
+            if self.fidelity_note and self.rank == 0:
+                print(f"wgan-kernels train: {self.fidelity_note}", file=sys.stderr, flush=True)
             return self._fit()
         finally:
+            if self.board is not None:
+                self.board.close()
+                self.board = None
             self.release_folder()
 
     def _fit(self) -> dict:
@@ -307,8 +379,12 @@ class Trainer:
                 if bar:  # tqdm shows steps/s itself
                     bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}",
                                     w=f"{row['wasserstein']:.3f}", refresh=False)
+            if self.board is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                for k, v in self.history[-1].items():
+                    if k != "step":
+                        self.board.add_scalar(f"train/{k}", v, self.step)
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
-                self.evals.append({"step": self.step, self.metric_name: self.evaluate()})
+                self.evals.append(self.evaluation())
             if bar:
                 bar.update(1)
             if ckpt and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
