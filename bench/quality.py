@@ -52,6 +52,7 @@ def run_all() -> dict:
             shutil.rmtree(out)
         result = train(TrainConfig(backend=backend, seed=seed, out=str(out), **SETTINGS))
         (out / "checkpoint.pt").unlink(missing_ok=True)  # 20 MB of weights: not committed
+        (out / "run.lock").unlink(missing_ok=True)
         runs[name] = {"backend": backend, "seed": seed, "evals": result["evals"], "wall_s": result["wall_s"],
                       "steps_per_s": result["steps_per_s"]}
         print(f"{name}: final sliced_w {result['final_metric']:.4f}, {result['steps_per_s']:.2f} steps/s", flush=True)

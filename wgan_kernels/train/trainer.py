@@ -94,13 +94,15 @@ class Trainer:
         self.evals: list[dict] = []
         self.wall = 0.0
         self.metric_name, self.metric_fn = metric_for(self.sampler.dim)
-        self.fidelity, self.fidelity_note = None, None  # FID/KID (image data, Inception weights present)
-        if self.sampler.is_image:
+        # FID/KID: images of 32 px or more (not the 8x8 digits), Inception weights on this machine
+        self.fidelity, self.fidelity_note = None, None
+        if self.sampler.is_image and self.sampler.shape[-1] >= 32:
             from . import fidelity
 
             self.fidelity, self.fidelity_note = fidelity.setup(cfg.fid_weights, cuda=self.device.type == "cuda")
         elif cfg.fid_weights is not None:
-            raise ValueError(f"fid_weights: FID/KID are for image data, not dataset {self.sampler.name!r}")
+            raise ValueError(f"fid_weights: FID/KID are for images of 32 px or more, not dataset "
+                             f"{self.sampler.name!r} (samples of shape {self.sampler.shape})")
         if cfg.tensorboard:
             import importlib.util
 
