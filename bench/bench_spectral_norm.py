@@ -71,6 +71,42 @@ def test_power_iteration_all_layers(benchmark, model, impl):
            bytes=(2 if impl == "copy" else 1) * 4 * n)
 
 
+def build_iteration(model, impl):
+    """(function, values, tensors) of one power-iteration update of every layer of the critic."""
+    critic = torch_sn_critic(MODELS[model][0])
+    layers = [m for m in critic.modules() if isinstance(m, SN_TYPES)]
+    sns = [m.parametrizations.weight[0] for m in layers]
+    mats = [sn._reshape_weight_to_matrix(m.parametrizations.weight.original).detach() for sn, m in zip(sns, layers)]
+    us = [sn._u.clone() for sn in sns]
+    vs = [sn._v.clone() for sn in sns]
+    n = sum(w.numel() for w in mats)
+    if impl == "torch":
+        def fn():
+            with torch.no_grad():
+                for sn, w in zip(sns, mats):
+                    sn._power_method(w, 1)
+                    torch.vdot(sn._u, torch.mv(w, sn._v))
+    elif impl == "wgan_kernels":
+        def fn():
+            power_iteration_(mats, us, vs, 1)
+    else:
+        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
+
+        def fn():
+            dst.copy_(src)
+    return fn, n, len(mats)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_power_iteration_interleaved(benchmark, model):
+    """The three timed round-robin (the copy floor in rounds of its own), so that the ratio is
+    within the machine's drift."""
+    built = {impl: build_iteration(model, impl) for impl in ("torch", "wgan_kernels", "copy")}
+    _, n, tensors = built["torch"]
+    interleaved(benchmark, suite="SN power iteration", case=model, fns={k: v[0] for k, v in built.items()},
+                rounds=100 if QUICK else 400, apart=("copy",), numel=n, tensors=tensors, bytes=4 * n)
+
+
 def build_forward(model, impl):
     """(step function, params) of a training-mode forward after a weight update, batch 1."""
     make, shape = MODELS[model]

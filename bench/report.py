@@ -256,7 +256,8 @@ def _ms(s: float | None) -> str:
 def tables(paths=None) -> str:
     parts = []
     for path in paths if paths is not None else sorted(RESULTS.glob("*.json")):
-        if path.name.startswith(("raw", "kernels-")):  # kernels-sm*.json: wgan_kernels/kernel_report.py's tables
+        # kernels-sm*.json: wgan_kernels/kernel_report.py's tables; quality-*.json: bench/quality.py's runs
+        if path.name.startswith(("raw", "kernels-", "quality-")):
             continue
         doc = json.loads(path.read_text())
         v = doc["versions"]

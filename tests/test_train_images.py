@@ -237,6 +237,26 @@ def test_fid_weights_that_are_not_tensors_are_refused_unread(tmp_path):
     assert not marker.exists()
 
 
+def test_weights_without_torch_fidelity(tmp_path, monkeypatch, capsys):
+    """torch-fidelity absent: explicit weights are an error naming fid_weights; weights found in
+    the cache give the one-line note and the run goes on."""
+    import sys
+
+    from wgan_kernels.train.fidelity import INCEPTION_FILE
+
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # import fails as if not installed
+    weights = tmp_path / "w.pth"
+    torch.save({"fc.weight": torch.randn(3, 2)}, weights)
+    with pytest.raises(ValueError, match="fid_weights: needs torch-fidelity"):
+        Trainer(TrainConfig(model="dcgan", dataset="digits32", hidden=4, fid_weights=str(weights), **IMG))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "hub" / "checkpoints").mkdir(parents=True)
+    os.replace(weights, tmp_path / "home" / "hub" / "checkpoints" / INCEPTION_FILE)
+    result = train(TrainConfig(model="dcgan", dataset="digits32", hidden=4, **IMG))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "FID/KID" in ln]
+    assert len(lines) == 1 and "torch-fidelity is not installed" in lines[0] and "fid" not in result["evals"][-1]
+
+
 def test_fid_and_kid_with_local_weights(tmp_path, monkeypatch):
     pytest.importorskip("torch_fidelity")
     weights = tmp_path / "inception.pth"

@@ -140,6 +140,8 @@ def has_internal_overlap(t: torch.Tensor) -> bool:
     """True when two elements of ``t`` are one memory location for sure (a stride 0 over a dim of
     more than one element: an expanded view), the case torch refuses for in-place writes (as
     ``at::has_internal_overlap``: a tensor without elements has none)."""
+    if t.is_contiguous():  # (the common case, decided in C++)
+        return False
     return any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)) and t.numel() > 0
 
 

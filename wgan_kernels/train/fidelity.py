@@ -31,13 +31,28 @@ def setup(fid_weights, cuda: bool = False) -> tuple["Fidelity | None", str | Non
             raise ValueError(f"fid_weights: no file at {os.fspath(path)!r}")
         return None, (f"FID/KID: skipped, no Inception weights at {path} (pass --fid-weights PATH to "
                       f"torch-fidelity's {INCEPTION_FILE}); the offline metric is sliced W on pixels")
+    name = "fid_weights" if explicit else f"the cached weights {path}"
+    state = _read_weights(path, name)  # refused before anything else if it is not plain tensors
     try:  # (it imports torchvision too)
         importlib.import_module("torch_fidelity")
     except ImportError as e:
         if explicit:
             raise ValueError(f"fid_weights: needs torch-fidelity (pip install torch-fidelity): {e}") from None
         return None, f"FID/KID: skipped, torch-fidelity is not installed ({e}); the offline metric is sliced W"
-    return Fidelity(path, "fid_weights" if explicit else f"the cached weights {path}", cuda), None
+    return Fidelity(state, path, cuda), None
+
+
+def _read_weights(path: Path, name: str) -> dict:
+    """The state dict in ``path``, unpickled with ``weights_only=True``; ``ValueError`` naming
+    ``name`` when it is anything but a non-empty dict of tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # an unsafe pickle, a truncated or foreign file
+        raise ValueError(f"{name}: {os.fspath(path)!r} is not a state dict of tensors "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{name}: {os.fspath(path)!r} is not a state dict of tensors")
+    return state
 
 
 class _Images(torch.utils.data.Dataset):
@@ -55,19 +70,12 @@ class _Images(torch.utils.data.Dataset):
 
 
 class Fidelity:
-    def __init__(self, path: Path, name: str, cuda: bool = False):
+    def __init__(self, state: dict, source: Path, cuda: bool = False):
         self.cuda = cuda
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # an unsafe pickle, a truncated or foreign file
-            raise ValueError(f"{name}: {os.fspath(path)!r} is not a state dict of tensors "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{name}: {os.fspath(path)!r} is not a state dict of tensors")
         self._dir = tempfile.TemporaryDirectory(prefix="wgan-kernels-fid-")
         self.path = Path(self._dir.name) / INCEPTION_FILE  # our own copy: only tensors in it
         torch.save(state, self.path)
-        self.source = path
+        self.source = source
 
     def __call__(self, fake: torch.Tensor, real: torch.Tensor) -> dict:
         import torch_fidelity
