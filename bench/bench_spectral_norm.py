@@ -42,35 +42,6 @@ def torch_sn_critic(make):
     return critic
 
 
-@pytest.mark.parametrize("impl", ["torch", "wgan_kernels", "copy"])
-@pytest.mark.parametrize("model", list(MODELS))
-def test_power_iteration_all_layers(benchmark, model, impl):
-    critic = torch_sn_critic(MODELS[model][0])
-    layers = [m for m in critic.modules() if isinstance(m, SN_TYPES)]
-    sns = [m.parametrizations.weight[0] for m in layers]
-    mats = [sn._reshape_weight_to_matrix(m.parametrizations.weight.original).detach() for sn, m in zip(sns, layers)]
-    us = [sn._u.clone() for sn in sns]
-    vs = [sn._v.clone() for sn in sns]
-    n = sum(w.numel() for w in mats)
-    if impl == "torch":
-        def fn():
-            with torch.no_grad():
-                for sn, w in zip(sns, mats):
-                    sn._power_method(w, 1)
-                    torch.vdot(sn._u, torch.mv(w, sn._v))
-    elif impl == "wgan_kernels":
-        def fn():
-            power_iteration_(mats, us, vs, 1)
-    else:
-        src, dst = torch.randn(n, device=DEVICE), torch.empty(n, device=DEVICE)
-
-        def fn():
-            dst.copy_(src)
-    # bytes floor: each weight read once per iteration (copy: read + write)
-    record(benchmark, suite="SN power iteration", case=model, impl=impl, fn=fn, numel=n, tensors=len(mats),
-           bytes=(2 if impl == "copy" else 1) * 4 * n)
-
-
 def build_iteration(model, impl):
     """(function, values, tensors) of one power-iteration update of every layer of the critic."""
     critic = torch_sn_critic(MODELS[model][0])
@@ -95,6 +66,15 @@ def build_iteration(model, impl):
         def fn():
             dst.copy_(src)
     return fn, n, len(mats)
+
+
+@pytest.mark.parametrize("impl", ["torch", "wgan_kernels", "copy"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_power_iteration_all_layers(benchmark, model, impl):
+    fn, n, tensors = build_iteration(model, impl)
+    # bytes floor: each weight read once per iteration (copy: read + write)
+    record(benchmark, suite="SN power iteration", case=model, impl=impl, fn=fn, numel=n, tensors=tensors,
+           bytes=(2 if impl == "copy" else 1) * 4 * n)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -45,3 +45,13 @@ def test_penalty_floor_is_twice_the_plain_step(report):
     _, groups = report.summarize(raw)
     row = report.derive(groups[0], "cpu")
     assert row["floor_s"] == pytest.approx(0.0028) and row["ratio"] == pytest.approx(4 / 3)
+
+
+def test_readme_tables_come_from_the_committed_results_only(report):
+    """The tables read the device results (cpu.json, ...), not the other JSON files committed
+    beside them (kernels-sm*.json, quality-digits32.json): a README regeneration must not fail
+    on them, and their content does not leak into the speed tables."""
+    names = {p.name for p in report.RESULTS.glob("*.json")}
+    assert {"cpu.json", "quality-digits32.json"} <= names
+    text = report.tables()
+    assert "train-step wgan-div/dcgan32-b64" in text and "quality" not in text
