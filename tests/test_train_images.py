@@ -277,29 +277,29 @@ def test_fid_and_kid_with_local_weights(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------- processes
 
-DDP_IMG = dict(IMG, model="dcgan", dataset="digits32", hidden=4)
+DDP_IMG = dict(IMG, dataset="digits32", hidden=4)
 
 
-def _ddp_worker(rank, world, init_file, loss, out_file):
+def _ddp_worker(rank, world, init_file, loss, model, out_file):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        grads = _first_step_grads(TrainConfig(loss=loss, **DDP_IMG))
+        grads = _first_step_grads(TrainConfig(loss=loss, model=model, **DDP_IMG))
         if rank == 0:
             torch.save(grads, out_file)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("loss", ["wgan-div", "wgan-gp"])
-def test_two_processes_match_one_for_the_image_models(tmp_path, loss):
+@pytest.mark.parametrize("loss,model", [("wgan-div", "dcgan"), ("wgan-gp", "dcgan"), ("wgan-div", "resnet")])
+def test_two_processes_match_one_for_the_image_models(tmp_path, loss, model):
     """2 gloo processes on halves of the global batch == 1 process on all of it, the BatchNorm
     generator's gradients included (it runs on the global noise batch in every process)."""
     import torch.multiprocessing as mp
 
     out = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), loss, str(out)), nprocs=2, join=True)
-    single = _first_step_grads(TrainConfig(loss=loss, **DDP_IMG))
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), loss, model, str(out)), nprocs=2, join=True)
+    single = _first_step_grads(TrainConfig(loss=loss, model=model, **DDP_IMG))
     for i, (a, b) in enumerate(zip(torch.load(out), single)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{loss} gradient {i}: {m}")
