@@ -166,7 +166,7 @@ class ResNetCritic(nn.Module):
         super().__init__()
         if pool not in ("mean", "sum"):
             raise ValueError(f"pool: expected 'mean' or 'sum', got {pool!r}")
-        downs = _resnet_stages(resolution) - 1  # to 8x8: the first block and these halve the size
+        downs = _stages(resolution) - 1  # to 8x8: the first block and these halve the size
         blocks = [_ResBlock(channels, width, True, first=True)]
         blocks += [_ResBlock(width, width, True) for _ in range(downs)]
         blocks += [_ResBlock(width, width, False), _ResBlock(width, width, False)]
@@ -189,9 +189,9 @@ class ResNet32Critic(ResNetCritic):
         super().__init__(3, 32, channels)
 
 
-def _resnet_stages(resolution: int) -> int:
-    """The generator's factor-2 upsamplings from its first 4x4 map to the image (3 at 32 px, 4 at
-    64 px); the critic's downsamplings to 8x8 are one fewer."""
+def _stages(resolution: int) -> int:
+    """The generators' factor-2 upsamplings from their first 4x4 map to the image (3 at 32 px, 4
+    at 64 px); the DCGAN critic's downsamplings to 4x4 as many, the ResNet critic's to 8x8 one fewer."""
     if isinstance(resolution, bool) or resolution not in (32, 64):
         raise ValueError(f"resolution: expected 32 or 64, got {resolution!r}")
     return 3 if resolution == 32 else 4
@@ -223,7 +223,7 @@ class ResNetGenerator(nn.Module):
         super().__init__()
         self.width = width
         self.fc = nn.Linear(z_dim, 4 * 4 * width)
-        self.blocks = nn.Sequential(*(_UpBlock(width, width) for _ in range(_resnet_stages(resolution))))
+        self.blocks = nn.Sequential(*(_UpBlock(width, width) for _ in range(_stages(resolution))))
         self.bn = nn.BatchNorm2d(width)
         self.out = nn.Conv2d(width, channels, 3, 1, 1)
 
@@ -254,12 +254,6 @@ def dcgan_init_(module: nn.Module) -> nn.Module:
     return module
 
 
-def _dcgan_stages(resolution: int) -> int:
-    if resolution not in (32, 64):
-        raise ValueError(f"resolution: expected 32 or 64, got {resolution!r}")
-    return 3 if resolution == 32 else 4
-
-
 class DCGANCritic(nn.Module):
     """DCGAN critic for (channels, resolution, resolution) images: 4x4 stride-2 convolutions
     (width, 2 width, ...) with LeakyReLU(0.2), then a 4x4 convolution to one score per sample;
@@ -267,7 +261,7 @@ class DCGANCritic(nn.Module):
 
     def __init__(self, channels: int = 3, resolution: int = 32, width: int = 64):
         super().__init__()
-        stages = _dcgan_stages(resolution)
+        stages = _stages(resolution)
         chans = [channels] + [width * 2**i for i in range(stages)]
         self.convs = nn.ModuleList(nn.Conv2d(a, b, 4, 2, 1) for a, b in zip(chans[:-1], chans[1:]))
         self.out = nn.Conv2d(chans[-1], 1, 4, 1, 0)
@@ -284,7 +278,7 @@ def dcgan_generator(z_dim: int, channels: int = 3, resolution: int = 32, width: 
     """DCGAN generator: z -> (width 2^(s-1), 4, 4) by a 4x4 transposed convolution, then 4x4
     stride-2 transposed convolutions halving the width, BatchNorm + ReLU between, tanh out; the
     DCGAN initialisation (``dcgan_init_``)."""
-    stages = _dcgan_stages(resolution)
+    stages = _stages(resolution)
     chans = [width * 2**i for i in reversed(range(stages))]
     layers: list[nn.Module] = [nn.Unflatten(1, (z_dim, 1, 1)), nn.ConvTranspose2d(z_dim, chans[0], 4, 1, 0),
                                nn.BatchNorm2d(chans[0]), nn.ReLU()]

@@ -67,7 +67,6 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
     if not (len(us) == len(weights) == len(vs)):
         raise ValueError(f"us, vs: expected one u and one v per weight, got {len(weights)} weights, {len(us)} us, "
                          f"{len(vs)} vs")
-    inference_writes_refused = not compiling() and not torch.is_inference_mode_enabled()
     for i, (w, u, v) in enumerate(zip(weights, us, vs)):
         if w.dim() != 2:
             raise ValueError(f"weights[{i}]: expected a 2-D matrix, got shape {tuple(w.shape)} (flatten conv weights "
@@ -82,8 +81,7 @@ def _check_inputs(weights, us, vs, n_power_iterations, eps):
             if t.requires_grad:
                 raise ValueError(f"{name}[{i}]: updated in place, so it must not require grad (u and v are buffers, "
                                  "constants for autograd)")
-            if inference_writes_refused and t.is_inference():  # (check_not_inference, hoisted)
-                check_not_inference(t, f"{name}[{i}]")
+            check_not_inference(t, f"{name}[{i}]")
             if has_internal_overlap(t):
                 raise ValueError(f"{name}[{i}]: {SELF_OVERLAPPING}")
     if not compiling():  # addresses of traced tensors mean nothing
@@ -439,8 +437,6 @@ def _kernel_power_iteration(weights, us, vs, n_iterations: int, eps: float, back
     place; returns the sigmas (float32 / float64)."""
     if backend == "triton":
         return _triton_power_iteration(weights, us, vs, n_iterations, eps)
-    if all(t.is_contiguous() for t in us) and all(t.is_contiguous() for t in vs):
-        return extension().power_iteration_(weights, us, vs, n_iterations, eps)
     dense = [t.contiguous() for t in us + vs]  # the extension wants contiguous u, v (it copes with W)
     raw = extension().power_iteration_(weights, dense[:len(weights)], dense[len(weights):], n_iterations, eps)
     for t, d in zip(us + vs, dense):

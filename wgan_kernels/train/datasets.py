@@ -52,12 +52,11 @@ def load(name_or_data, resolution: int | None = None) -> Sampler:
     are samples) or a TensorDataset. ``resolution``: the image side for image data (default: the
     data's own; 32 for image folders); refused for the 2-D toys and the 8x8 ``digits``."""
     if isinstance(name_or_data, str):
-        if name_or_data in TOY or name_or_data == "digits":
-            if resolution is not None:
-                raise ValueError(f"resolution: dataset {name_or_data!r} is not an image dataset (for 32 or 64 px "
-                                 f"digits use digits32)")
-            if name_or_data in TOY:
-                return Sampler(name_or_data)
+        if resolution is not None and (name_or_data in TOY or name_or_data == "digits"):
+            raise ValueError(f"resolution: dataset {name_or_data!r} is not an image dataset (for 32 or 64 px "
+                             f"digits use digits32)")
+        if name_or_data in TOY:
+            return Sampler(name_or_data)
         if name_or_data in ("digits", "digits32"):
             from sklearn.datasets import load_digits  # bundled with scikit-learn, no download
 

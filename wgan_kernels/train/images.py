@@ -399,12 +399,22 @@ def _load_tensor_file(spec: str, path: Path) -> torch.Tensor:
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> None:
     """Write images in [-1, 1] (N x C x H x W, C in 1 or 3) as a PNG grid (``grid``), atomically."""
+    path = _png_path(path)
+    _write_png_atomic(Image.fromarray(grid(images, nrow, padding)), path)
+
+
+def write_png(pixels: np.ndarray, path) -> None:
+    """Write a ``grid`` picture (H x W x 3 uint8) as a PNG, atomically."""
+    _write_png_atomic(Image.fromarray(pixels), _png_path(path))
+
+
+def _png_path(path) -> Path:
     if not isinstance(path, (str, os.PathLike)) or Path(path).suffix.lower() != ".png":
         raise ValueError(f"path: expected a .png file name, got {path!r}")
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"path: folder {path.parent} does not exist")
-    _write_png_atomic(Image.fromarray(grid(images, nrow, padding)), path)
+    return path
 
 
 def grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:

@@ -37,15 +37,13 @@ def save_pictures(trainer, out: Path) -> None:
         ax.scatter(fake[:, 0], fake[:, 1], s=3, c="gold", label="generated")
         ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title + " (critic contours)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "samples.png", dpi=100)
+        plt.close(fig)
     else:  # images: the grid of the fixed noise's first 64 samples, as saved per evaluation
         from .images import save_grid
 
         save_grid(fake[:64].reshape(-1, *trainer.sampler.shape), out / "samples.png")
-        fig = None
-    if fig is not None:
-        fig.tight_layout()
-        fig.savefig(out / "samples.png", dpi=100)
-        plt.close(fig)
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
     hist = trainer.history

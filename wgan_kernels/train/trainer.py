@@ -30,8 +30,8 @@ from ..nn.spectral import SN_LAYERS, spectral_norm_all
 from . import checkpoint as ckpt_io
 from . import datasets as ds
 from .checkpoint import CheckpointError, RunFolder
-from .config import (BACKENDS, HIDDEN, LOSSES, PENALTY_PRESET, RESUMABLE, TrainConfig, check, optimizer_defaults,
-                     penalty_defaults)
+from .config import (BACKENDS, HIDDEN, LOSSES, PENALTY_PRESET, RESOLUTIONS, RESUMABLE, TrainConfig, check,
+                     optimizer_defaults, penalty_defaults)
 from .metrics import metric_for
 from .parallel import DataParallel
 
@@ -122,7 +122,7 @@ class Trainer:
         if cfg.model == "mlp":
             return (mlp_generator(self.z_dim, self.hidden, shape).to(self.device),
                     mlp_critic(self.hidden, self.sampler.dim, shape).to(self.device))
-        if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in (32, 64):
+        if len(shape) != 3 or shape[1] != shape[2] or shape[1] not in RESOLUTIONS:
             raise ValueError(f"model: {cfg.model!r} needs images of 32x32 or 64x64 (e.g. dataset digits32; image "
                              f"files are resized by resolution=), got samples of shape {shape}")
         c, res, width = shape[0], shape[1], self.hidden
@@ -233,19 +233,20 @@ class Trainer:
         row = {"step": self.step, self.metric_name: self.metric_fn(fake, self.eval_real)}
         if self.fidelity is not None:
             row.update(self.fidelity(fake, self.eval_real))
-        if self.sampler.is_image and self.folder is not None:
-            from .images import save_grid
+        picture = None
+        if self.sampler.is_image and (self.folder is not None or self.board is not None):
+            from .images import grid, write_png
 
-            (self.folder.path / "samples").mkdir(exist_ok=True)
-            save_grid(fake[:64], self.folder.path / "samples" / f"step_{self.step:06d}.png")
+            picture = grid(fake[:64])
+            if self.folder is not None:
+                (self.folder.path / "samples").mkdir(exist_ok=True)
+                write_png(picture, self.folder.path / "samples" / f"step_{self.step:06d}.png")
         if self.board is not None:
             for k, v in row.items():
                 if k != "step":
                     self.board.add_scalar(f"eval/{k}", v, self.step)
-            if self.sampler.is_image:
-                from .images import grid
-
-                self.board.add_image("samples", grid(fake[:64]), self.step, dataformats="HWC")
+            if picture is not None:
+                self.board.add_image("samples", picture, self.step, dataformats="HWC")
         return row
 
     def settings(self) -> dict:
@@ -390,10 +391,10 @@ class Trainer:
                 if bar:  # tqdm shows steps/s itself
                     bar.set_postfix(loss_d=f"{row['loss_d']:.3f}", loss_g=f"{row['loss_g']:.3f}",
                                     w=f"{row['wasserstein']:.3f}", refresh=False)
-            if self.board is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                for k, v in self.history[-1].items():
-                    if k != "step":
-                        self.board.add_scalar(f"train/{k}", v, self.step)
+                if self.board is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            self.board.add_scalar(f"train/{k}", v, self.step)
             if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 self.evals.append(self.evaluation())
             if bar:
