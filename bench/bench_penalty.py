@@ -120,7 +120,7 @@ def test_critic_step(benchmark, loss, model, impl):
 # before), so they are also timed round-robin.
 INTERLEAVED_ROUNDS = {"mlp512-b256": 20 if QUICK else 100, "mlp128-b64": 100 if QUICK else 400,
                       "dcgan64-b64": 8,  # the DCGAN and ResNet steps take seconds: fewer rounds
-                      "dcgan64-custom-b64": 8, "resnet32-custom-b64": 6}
+                      "dcgan64-custom-b64": 8, "resnet32-b64": 6, "resnet32-custom-b64": 6}
 
 
 @pytest.mark.parametrize("model", [m for m in MODELS if m in INTERLEAVED_ROUNDS])

@@ -48,27 +48,39 @@ def interleaved(benchmark, *, suite: str, case: str, fns: dict, rounds: int, war
     it for some impls only). ``apart``: impls (floors such as a copy of other buffers) timed in
     their own round-robin after the others, never right before a compared impl: on this CPU an
     11 MB copy slows the next two calls of whatever follows it, even after a warm call, so
-    in one rotation the impl placed after the copy lost up to 1.6x (measured on clip_ DCGAN-64)."""
+    in one rotation the impl placed after the copy lost up to 1.6x (measured on clip_ DCGAN-64).
+    Each impl's median count of minor page faults per timed call is recorded too
+    (``interleaved_minor_faults``; getrusage, CPU): memory the allocator handed back to the OS and
+    takes again costs a fault per 4 KiB page, in the impl that frees it or in the next one."""
+    import resource
     import time
+
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     fns = {k: timed(f) for k, f in fns.items()}
     for f in fns.values():  # warm-up
         for _ in range(3):
             f()
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    fault_counts: dict[str, list[int]] = {k: [] for k in fns}
     for order in ([k for k in fns if k not in apart], [k for k in fns if k in apart]):
         for r in range(rounds if order else 0):
             for k in order if r % 2 == 0 else reversed(order):
                 for _ in range(warm_calls):
                     fns[k]()
+                f0 = faults()
                 t = time.perf_counter()
                 fns[k]()
                 samples[k].append(time.perf_counter() - t)
+                fault_counts[k].append(faults() - f0)
     medians = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
     benchmark.group = f"{suite}/{case} (interleaved)"
     benchmark.extra_info.update(suite=suite, case=case, impl="interleaved", device=str(DEVICE), rounds=rounds,
                                 warm_calls=warm_calls, apart=list(apart),
-                                interleaved_median_s=medians, **extra)
+                                interleaved_median_s=medians,
+                                interleaved_minor_faults={k: sorted(v)[len(v) // 2] for k, v in fault_counts.items()},
+                                **extra)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
 
 

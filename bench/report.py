@@ -131,6 +131,8 @@ def summarize(raw: dict) -> tuple[str, list[dict]]:
                                                           "peak_bytes": {}})
         if x["impl"] == "interleaved":  # round-robin medians: they replace the one-after-another ones
             overrides[(x["suite"], x["case"])] = x["interleaved_median_s"]
+            if x.get("warm_calls") and "interleaved_minor_faults" in x:  # (faults matter where they were looked at)
+                g["minor_faults"] = x["interleaved_minor_faults"]
             continue
         g["median_s"][x["impl"]] = b["stats"]["median"]
         g["bytes"][x["impl"]] = x["bytes"]
@@ -146,7 +148,8 @@ def derive(g: dict, device_type: str) -> dict:
     """The figures computed from a row's per-impl medians: best variant, ratio, bandwidth,
     floor, memory, target and whether it is met."""
     g = {k: g[k] for k in ("suite", "case", "numel", "tensors", "median_s", "bytes", "peak_bytes")} | (
-        {"interleaved": True} if g.get("interleaved") else {})
+        {"interleaved": True} if g.get("interleaved") else {}) | (
+        {"minor_faults": g["minor_faults"]} if "minor_faults" in g else {})
     suite, case, med = g["suite"], g["case"], g["median_s"]
     base = BASELINES[suite]
     ours = [i for i in OURS if i in med]
@@ -199,6 +202,10 @@ def merge(raw_paths: list[Path], out_dir: Path = RESULTS) -> Path:
             for field in ("median_s", "bytes", "peak_bytes"):
                 rows[key][field] = {**rows[key].get(field, {}), **r[field]}
             rows[key]["interleaved"] = r.get("interleaved", False)
+            if "minor_faults" in r:
+                rows[key]["minor_faults"] = r["minor_faults"]
+            else:
+                rows[key].pop("minor_faults", None)
         else:
             rows[key] = r
     info = collect()
@@ -273,6 +280,7 @@ def tables(paths=None) -> str:
             has_floor = any("floor_s" in r for r in rows)
             has_bw = any("bandwidth_GBs" in r for r in rows)
             has_mem = any("memory_ratio" in r for r in rows)
+            faulted = [i for i in ("loop", "eager", "torch", *OURS, "no-sn") if any(i in r.get("minor_faults", {}) for r in rows)]
             head = ["case", *impls, "ratio (best)"]
             floor_name = "floor (no-SN forward)" if any("no-sn" in r["median_s"] for r in rows) else "floor (2x fwd+bwd)"
             head += [floor_name, "best / floor"] if has_floor else []
@@ -280,6 +288,7 @@ def tables(paths=None) -> str:
             head += ["4/3 floor", "best / 4/3 floor"] if has_floor43 else []
             head += ["GB/s (copy GB/s)"] if has_bw else []
             head += ["peak MB eager -> best"] if has_mem else []
+            head += [f"page faults / call ({' / '.join(faulted)})"] if faulted else []
             head += ["target", "met"]
             lines = [f"| {' | '.join(head)} |", "|" + "---|" * len(head)]
             for r in rows:
@@ -297,6 +306,9 @@ def tables(paths=None) -> str:
                     pb = r["peak_bytes"]
                     cells.append(f"{pb[BASELINES[suite]] / 2**20:.1f} -> {pb[r['best']] / 2**20:.1f}"
                                  if "memory_ratio" in r else "-")
+                if faulted:
+                    mf = r.get("minor_faults", {})
+                    cells.append(" / ".join(str(mf[i]) if i in mf else "-" for i in faulted) if mf else "-")
                 cells += [_target_text(t) or "-", "" if not t else ("yes" if r["met"] else "**no**")]
                 lines.append(f"| {' | '.join(cells)} |")
             parts.append("\n".join(lines) + "\n")

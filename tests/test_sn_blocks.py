@@ -316,3 +316,53 @@ def test_bad_input():
         wn.SNLinear(3, 4)(torch.randn(2, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="x "):
         wn.SNLinear(3, 4).forward_with_input_grad(torch.ones(2, 3, dtype=torch.int64))
+
+
+def test_spectral_norm_all_scales_gradcheck_float64(gen):
+    """spectral_norm_all's per-forward scales (1/sigma and b sigma of every block in one autograd
+    node) in float64: gradcheck and gradgradcheck of the critic's output w.r.t. the input and
+    every weight and bias, in eval mode (sigma = u . W v with u, v held, the function that the
+    analytic gradient u v^T differentiates exactly)."""
+    torch.manual_seed(0)
+    critic = wk.spectral_norm_all(nn.Sequential(nn.Conv2d(2, 3, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(),
+                                                nn.Linear(3 * 3 * 3, 1))).double().eval()
+    names = [n for n, _ in critic.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in critic.parameters()]
+    x = torch.randn(2, 2, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def out(x, *ps):
+        return torch.func.functional_call(critic, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(out, (x, *params))
+    assert torch.autograd.gradgradcheck(out, (x, *params))
+
+
+def test_spectral_norm_all_later_forwards_see_the_current_weights(gen):
+    """D(real), D(fake) on the same weights: one iteration; each forward has its own graph, so that
+    separate backward calls work (as the original WGAN code does); a weight written through
+    ``.data`` (WGAN code's ``p.data.clamp_``, no version bump) between forwards is normalised by
+    its own sigma (u . W v with the current u, v), not a stale one."""
+    torch.manual_seed(0)
+    critic = wk.spectral_norm_all(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1)))
+    x = torch.randn(3, 4, generator=gen)
+    first = critic(x).sum()
+    us = [m._u.clone() for m in critic if hasattr(m, "_u")]
+    second = critic(x).sum()
+    assert all(torch.equal(a, m._u) for a, m in zip(us, [m for m in critic if hasattr(m, "_u")])), "iterated twice"
+    torch.testing.assert_close(first, second)
+    first.backward()
+    grads = [p.grad.clone() for p in critic.parameters()]
+    second.backward()  # its own graph: not freed by the first backward
+    for g, p in zip(grads, critic.parameters()):
+        torch.testing.assert_close(p.grad, 2 * g)
+    with torch.no_grad():
+        critic[0].weight.data.mul_(-0.5)
+        critic[0].weight.data[0, 0] += 1.0
+    h = x
+    for m in critic:  # the reference: W / (u . W v) with the buffers as they are
+        if isinstance(m, nn.Linear):
+            sigma = torch.dot(m._u, m.weight @ m._v)
+            h = h @ (m.weight / sigma).T + m.bias
+        else:
+            h = m(h)
+    torch.testing.assert_close(critic(x), h)

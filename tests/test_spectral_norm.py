@@ -320,19 +320,24 @@ def test_spectral_norm_all_iterates_once_per_weight_update(gen):
     ours, theirs = critic_pair()
     per_access, _ = critic_pair(per_access=True)
     calls = []
-    import wgan_kernels.nn.spectral as sn_module  # where the modules call power_iteration_
-    real_power_iteration = sn_module.power_iteration_
+    import wgan_kernels.nn.spectral as sn_module  # where the modules call the power iteration
+    names = ("power_iteration_", "power_iteration_values_")  # per layer / the critic's batched hook
+    real = {name: getattr(sn_module, name) for name in names}
 
-    def counting(weights, *args, **kwargs):
-        calls.append(len(weights))
-        return real_power_iteration(weights, *args, **kwargs)
+    def counting(name):
+        def count(weights, *args, **kwargs):
+            calls.append(len(weights))
+            return real[name](weights, *args, **kwargs)
+        return count
 
-    sn_module.power_iteration_ = counting
+    for name in names:
+        setattr(sn_module, name, counting(name))
     try:
         for _ in range(3):  # D(real), D(fake), D(interp) on the same weights
             ours(x), per_access(x)
     finally:
-        sn_module.power_iteration_ = real_power_iteration
+        for name in names:
+            setattr(sn_module, name, real[name])
     assert calls[0] == 3 and calls.count(3) == 1, f"expected one batched call over 3 layers first, got {calls}"
     assert calls.count(1) == 9, f"per_access: one call per layer per forward, got {calls}"
     theirs(x)  # torch after one forward == ours after three; per_access == torch after three

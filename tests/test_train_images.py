@@ -303,3 +303,24 @@ def test_two_processes_match_one_for_the_image_models(tmp_path, loss, model):
     single = _first_step_grads(TrainConfig(loss=loss, model=model, **DDP_IMG))
     for i, (a, b) in enumerate(zip(torch.load(out), single)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{loss} gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_resnet_critic_is_wgan_gps_cifar_resnet(resolution):
+    """WGAN-GP's CIFAR-10 ResNet critic: an optimised first block and downsampling blocks down to an
+    8x8 map (2 halvings at 32 px, 3 at 64 px), two plain blocks, the mean over that map; at 32 px
+    the same parameter shapes, in order, as the Sequential ``resnet32_critic``."""
+    from wgan_kernels.models import ResNet32Critic, resnet32_critic
+
+    critic = ResNetCritic(3, resolution, 16)
+    maps = []
+    critic.blocks.register_forward_hook(lambda m, args, out: maps.append(out.shape))
+    x = torch.randn(2, 3, resolution, resolution)
+    out = critic(x)
+    assert out.shape == (2, 1) and maps == [torch.Size([2, 16, 8, 8])]
+    assert len(critic.blocks) == (4 if resolution == 32 else 5)
+    h = torch.relu(critic.blocks(x)).mean(dim=(2, 3))  # the pooling is the spatial mean
+    torch.testing.assert_close(out, critic.fc(h))
+    if resolution == 32:
+        ours = [p.shape for p in ResNet32Critic(16).parameters()]
+        assert ours == [p.shape for p in resnet32_critic(16).parameters()]

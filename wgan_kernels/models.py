@@ -166,7 +166,7 @@ class ResNetCritic(nn.Module):
         super().__init__()
         if pool not in ("mean", "sum"):
             raise ValueError(f"pool: expected 'mean' or 'sum', got {pool!r}")
-        downs = _stages(resolution) - 1  # to 8x8: the first block and these halve the size
+        downs = _stages(resolution) - 2  # the first block and these halve the size down to 8x8
         blocks = [_ResBlock(channels, width, True, first=True)]
         blocks += [_ResBlock(width, width, True) for _ in range(downs)]
         blocks += [_ResBlock(width, width, False), _ResBlock(width, width, False)]
@@ -183,7 +183,8 @@ class ResNetCritic(nn.Module):
 
 
 class ResNet32Critic(ResNetCritic):
-    """``resnet32_critic()`` as a custom module (3x32x32 input): the same parameter shapes."""
+    """``resnet32_critic()`` as a custom module (3x32x32 input): the same parameter shapes, in the
+    same order."""
 
     def __init__(self, channels: int = 128):
         super().__init__(3, 32, channels)
@@ -191,7 +192,8 @@ class ResNet32Critic(ResNetCritic):
 
 def _stages(resolution: int) -> int:
     """The generators' factor-2 upsamplings from their first 4x4 map to the image (3 at 32 px, 4
-    at 64 px); the DCGAN critic's downsamplings to 4x4 as many, the ResNet critic's to 8x8 one fewer."""
+    at 64 px); the DCGAN critic's downsamplings to 4x4 as many, the ResNet critic's to 8x8 one
+    fewer (its first block's included: 2 at 32 px, 3 at 64 px)."""
     if isinstance(resolution, bool) or resolution not in (32, 64):
         raise ValueError(f"resolution: expected 32 or 64, got {resolution!r}")
     return 3 if resolution == 32 else 4

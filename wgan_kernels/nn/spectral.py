@@ -49,8 +49,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .._checks import FLOAT_DTYPES
-from ..ops.spectral_norm import (check_eps, check_eps_fits, check_iterations, initial_vectors, power_iteration_,
-                                 sigma_at)
+from .._backend import compiling
+from ..ops.spectral_norm import (attach_sigmas, check_eps, check_eps_fits, check_iterations, initial_vectors,
+                                 power_iteration_, power_iteration_values_, sigma_at)
 from .explicit_ops import check_matches_weight
 from .layers import Conv2d, InputGradModule, Linear
 
@@ -86,11 +87,15 @@ class _SpectralState:
     ``spectral_norm_all``: the critic's hook advances u, v for all layers at once) and
     ``_cached_sigma`` (the sigma that hook leaves for the current forward)."""
 
+    _cached_sigma: torch.Tensor | None = None
+    _cached_scales: tuple | None = None  # SN blocks under spectral_norm_all: (1/sigma, b sigma or None)
+
     def _init_spectral_state(self, n_power_iterations: int, eps: float) -> None:
         self.n_power_iterations = check_iterations(n_power_iterations)
         self.eps = check_eps(eps)
         self.batched = False
-        self._cached_sigma: torch.Tensor | None = None
+        self._cached_sigma = None
+        self._cached_scales = None
 
     def _register_vectors(self, u: torch.Tensor, v: torch.Tensor) -> None:
         self.register_buffer("_u", u)
@@ -204,34 +209,49 @@ class _SpectralBlock(_SpectralState):
     def sigma(self) -> torch.Tensor:
         """This forward's sigma (0-d, W's dtype, differentiable w.r.t. W): advances u, v by
         ``n_power_iterations`` in training mode (unless a batched critic hook already did)."""
+        if self._cached_scales is not None:
+            return self._cached_scales[0].reciprocal()
         return self._sigma_of(self.weight)
 
     def normalized_weight(self) -> torch.Tensor:
         """``W / sigma`` (what torch's parametrized ``module.weight`` returns)."""
+        if self._cached_scales is not None:
+            return self.weight * self._cached_scales[0]
         return self.weight / self.sigma()
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1 / sigma, b sigma) of this forward: the ones ``spectral_norm_all``'s hook made for
+        all its blocks in one autograd node, else computed here. ``b sigma`` is None without a
+        bias, and in 16-bit types (see ``_scaled``)."""
+        if self._cached_scales is not None:
+            return self._cached_scales
+        inv = 1 / self.sigma()
+        if self.bias is None or self.weight.dtype in (torch.float16, torch.bfloat16):
+            return inv, None
+        return inv, self.bias / inv
 
     def forward(self, x):
         check_matches_weight(x, self.weight)
-        return self._scaled(x, 1 / self.sigma())
+        return self._scaled(x, *self._scales())
 
-    def _scaled(self, x, inv):
+    def _scaled(self, x, inv, bias_sigma):
         """``layer(x, W) / sigma + b``. In float32/64 as ``layer(x, W, b sigma) * (1 / sigma)``:
         the bias rides in the layer's own kernel (scaled by sigma, a vector op), leaving one
         elementwise pass over the output (on a batch-1 DCGAN-64 forward, 0.3 of 4.1 ms less
         than an addcmul with the broadcast bias). In 16-bit types the bias is added after the
         scale, as torch's W / sigma layer does: b sigma / sigma would round the bias and its
         gradient twice."""
+        if bias_sigma is not None:
+            return self._unscaled(x, bias_sigma) * inv
         if self.bias is None:
             return self._unscaled(x, None) * inv
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            return torch.addcmul(self.bias.view(self.bias_shape), self._unscaled(x, None), inv)
-        return self._unscaled(x, self.bias / inv) * inv
+        return torch.addcmul(self.bias.view(self.bias_shape), self._unscaled(x, None), inv)
 
     def _forward_saving(self, x):
         """The forward and what the input gradient needs: the layer's op, x and 1 / sigma."""
         check_matches_weight(x, self.weight)
-        inv = 1 / self.sigma()
-        return self._scaled(x, inv), (self.op_type.from_module(self), x, inv)
+        inv, bias_sigma = self._scales()
+        return self._scaled(x, inv, bias_sigma), (self.op_type.from_module(self), x, inv)
 
     def _input_grad(self, saved, grad_y):
         op, x, inv = saved  # the layer's adjoint (Linear: dy W; Conv2d: a transposed convolution), scaled
@@ -369,14 +389,74 @@ def from_torch_spectral(layer: nn.Module, path: str) -> nn.Module | None:
 # ----------------------------------------------------------------------------- whole critic
 
 
+class _Scales(torch.autograd.Function):
+    """The per-forward scales of a group of SN blocks (one dtype) in ONE autograd node: from the
+    power iteration's sigmas (detached, one per block) and the u, v they came with, ``1 / sigma_k``
+    for every block, then ``b_k sigma_k`` for the blocks whose bias rides in the layer's kernel
+    (``biased``). Inputs ``(raws, snaps, biased, *weights, *those biases)``. One node instead of
+    two small autograd ops per layer (the reciprocal and the bias scale): on a batch-1 forward
+    those cost more than the power iteration.
+
+    Backward: ``d sigma_k / d W_k = u_k v_k^T`` (u, v constants, as torch's), so with
+    ``g_k = -g_inv_k / sigma_k^2 + <g_bsigma_k, b_k>``, ``dW_k = g_k u_k v_k^T`` and
+    ``db_k = g_bsigma_k sigma_k``; written with torch ops on the saved outputs (1 / sigma), so
+    that a double backward differentiates them again."""
+
+    @staticmethod
+    def forward(ctx, raws, snaps, biased, *tensors):
+        n = len(raws)
+        weights, biases = tensors[:n], tensors[n:]
+        sigma = torch.cat(raws).to(weights[0].dtype)
+        inv = sigma.reciprocal()
+        invs = [inv[k].clone() for k in range(n)]
+        bias_sigmas = [b * sigma[k] for k, b in zip([k for k in range(n) if biased[k]], biases)]
+        ctx.snaps, ctx.biased, ctx.shapes = snaps, biased, [w.shape for w in weights]
+        ctx.save_for_backward(*invs, *biases)
+        return (*invs, *bias_sigmas)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = len(ctx.shapes)
+        saved = ctx.saved_tensors
+        invs, biases = saved[:n], saved[n:]
+        d_weights, d_biases = [], []
+        j = 0
+        for k in range(n):
+            g_inv = grads[k]
+            g = None if g_inv is None else -g_inv * invs[k] * invs[k]
+            if ctx.biased[k]:
+                g_bs = grads[n + j]
+                if g_bs is None:
+                    d_biases.append(None)
+                else:
+                    term = (g_bs * biases[j]).sum()
+                    g = term if g is None else g + term
+                    d_biases.append(g_bs / invs[k] if ctx.needs_input_grad[3 + n + j] else None)
+                j += 1
+            if g is None or not ctx.needs_input_grad[3 + k]:
+                d_weights.append(None)
+            else:
+                u, v = ctx.snaps[k]
+                d_weights.append((g * torch.outer(u, v)).view(ctx.shapes[k]))
+        return (None, None, None, *d_weights, *d_biases)
+
+
 class _OneIterationPerStep:
     """The critic hooks of ``spectral_norm_all``: before each forward in training mode, one batched
-    ``power_iteration_`` over every layer whose weight changed since the last one (all of them
-    after an optimizer step), and every layer's sigma cached for that forward; after it, the cache
-    is cleared. Registered as the critic's forward pre-hook (``before``) and forward hook
-    (``after``), and on a ``wgan_kernels.nn`` critic as its input-gradient hook (the same two
-    methods, run by ``forward_with_input_grad``). A plain object (not a closure) so that
-    ``copy.deepcopy(critic)`` copies it along with the layers it points at.
+    power iteration over every layer whose weight changed since the last one (all of them after an
+    optimizer step); then this forward's sigma of every layer: for the SN blocks, their scales
+    (``1 / sigma``, ``b sigma``) in one autograd node (``_Scales``), for parametrized layers their
+    sigma; after the forward, these are cleared. Registered as the critic's forward pre-hook
+    (``before``) and forward hook (``after``), and on a ``wgan_kernels.nn`` critic as its
+    input-gradient hook (the same two methods, run by ``forward_with_input_grad``). A plain object
+    (not a closure) so that ``copy.deepcopy(critic)`` copies it along with the layers it points at.
+
+    A layer is iterated when its W's version or address changed since its last iteration; the
+    other forwards on the same weights (D(fake), D(interpolates) after D(real); eval mode) take
+    ``u . W v`` with the current u, v, not advanced (computed on each forward: a W written
+    through ``.data``, as WGAN code's ``p.data.clamp_`` does, bumps no version). The arguments of
+    the batched call are checked as ``power_iteration_`` checks them whenever a tensor, shape or
+    address differs from the last checked call.
 
     ``runs_around_input_grad``: the explicit path of a traced torch critic (nn/trace.py) runs
     these two methods around its input-gradient computation instead of refusing the hooks."""
@@ -386,17 +466,95 @@ class _OneIterationPerStep:
     def __init__(self, layers: list[nn.Module], name: str):
         self.layers = layers
         self.name = name
-        self.seen_versions: list[int | None] = [None] * len(layers)
+        self.seen_versions: list = [None] * len(layers)  # W's (version, address) at its last iteration
+        self.checked: list | None = None
 
     def _parts(self, layer) -> tuple[torch.Tensor, _SpectralState]:
         """(W, its spectral state): the layer itself for an SN block, else its SpectralNorm
         parametrization."""
-        if not parametrize.is_parametrized(layer, self.name):
+        if isinstance(layer, _SpectralBlock):
             return layer.weight, layer
         original = getattr(layer.parametrizations, self.name).original
         return original, getattr(layer.parametrizations, self.name)[0]
 
+    def _tensors(self) -> list[tuple]:
+        """(W, u, v, spectral state) of every layer, read from the modules' dicts (this runs on
+        every forward: Module.__getattr__ per read would cost more than the work on a batch-1
+        forward)."""
+        out = []
+        for layer in self.layers:
+            w, sn = self._parts(layer)
+            buffers = sn._buffers
+            out.append((w, buffers["_u"], buffers["_v"], sn))
+        return out
+
     def before(self, critic, args):
+        if compiling():
+            return self._before_traced(critic)
+        parts = self._tensors()
+        sigmas: list[tuple | None] = [None] * len(parts)  # this forward's (raw sigma, (u, v) snapshot)
+        if critic.training:
+            by_settings: dict[tuple, list[int]] = {}
+            for k, (w, _, _, sn) in enumerate(parts):
+                if self.seen_versions[k] != (w._version, w.data_ptr()):  # W changed: iterate
+                    by_settings.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
+            for (n, eps), ks in by_settings.items():
+                self._iterate(parts, ks, n, eps, sigmas)
+        blocks: dict[tuple, list[int]] = {}
+        for k, (w, u, v, sn) in enumerate(parts):
+            if sigmas[k] is None:  # frozen: u . W v with the current u, v
+                u, v = u.clone(), v.clone()
+                with torch.no_grad():
+                    sigmas[k] = (torch.vdot(u, torch.mv(sn.to_matrix(w), v)).view(1), (u, v))
+            if sn is self.layers[k]:
+                blocks.setdefault((w.device, w.dtype), []).append(k)
+            else:
+                raw, (u, v) = sigmas[k]
+                sn._cached_sigma = attach_sigmas(raw, torch.cat((u, v)), [sn.to_matrix(w)])[0]
+        for ks in blocks.values():
+            self._block_scales(parts, ks, sigmas)
+
+    def _iterate(self, parts, ks: list[int], n: int, eps: float, sigmas: list) -> None:
+        """One batched power iteration over layers ``ks``; their sigmas and u, v into ``sigmas``.
+        Its arguments go through ``power_iteration_``'s checks unless they are the tensors (same
+        objects, addresses, shapes and dtypes) of the last checked call."""
+        mats, us, vs, checked = [], [], [], [n, eps]
+        for k in ks:
+            w, u, v, sn = parts[k]
+            mats.append(sn.to_matrix(w))
+            us.append(u)
+            vs.append(v)
+            checked += [k, id(w), w.data_ptr(), w.shape, w.dtype, id(u), u.data_ptr(), id(v), v.data_ptr()]
+        raws = power_iteration_values_(mats, us, vs, n, eps, checked=checked == self.checked)
+        self.checked = checked
+        snapshot = torch.cat(us + vs)
+        pieces = snapshot.split([u.shape[0] for u in us] + [v.shape[0] for v in vs])
+        for i, k in enumerate(ks):
+            w = parts[k][0]
+            self.seen_versions[k] = (w._version, w.data_ptr())
+            sigmas[k] = (raws[i], (pieces[i], pieces[len(ks) + i]))
+
+    def _block_scales(self, parts, ks: list[int], sigmas: list) -> None:
+        """The scales of SN blocks ``ks`` (one device and dtype) for this forward, one node;
+        written to the blocks' ``__dict__`` (plain attributes, without Module.__setattr__)."""
+        weights = [parts[k][0] for k in ks]
+        bias_of = [parts[k][3]._parameters.get("bias") for k in ks]
+        wide = weights[0].dtype not in (torch.float16, torch.bfloat16)
+        biased = tuple(wide and b is not None for b in bias_of)
+        held = [sigmas[k] for k in ks]
+        outs = _Scales.apply([h[0] for h in held], [h[1] for h in held], biased, *weights,
+                             *(b for b, on in zip(bias_of, biased) if on))
+        j = len(ks)
+        for i, k in enumerate(ks):
+            if biased[i]:
+                parts[k][3].__dict__["_cached_scales"] = (outs[i], outs[j])
+                j += 1
+            else:
+                parts[k][3].__dict__["_cached_scales"] = (outs[i], None)
+
+    def _before_traced(self, critic) -> None:
+        """Under torch.compile: the iteration as an op with tensor sigmas, each layer's sigma
+        through ``power_iteration_`` (one graph, no Python-side caches of values)."""
         parts = [self._parts(layer) for layer in self.layers]
         if critic.training:
             stale = [k for k, (w, _) in enumerate(parts) if w._version != self.seen_versions[k]]
@@ -409,14 +567,16 @@ class _OneIterationPerStep:
                 sigmas = power_iteration_(mats, [parts[k][1]._u for k in ks], [parts[k][1]._v for k in ks], n, eps)
                 for k, sigma in zip(ks, sigmas):
                     parts[k][1]._cached_sigma = sigma
-                    self.seen_versions[k] = parts[k][0]._version
+                    self.seen_versions[k] = parts[k][0]._version  # (a traced tensor has no address)
         for w, sn in parts:
             if sn._cached_sigma is None:
                 sn._cached_sigma = sn._frozen_sigma(w)
 
     def after(self, critic, args, output):
         for layer in self.layers:
-            self._parts(layer)[1]._cached_sigma = None
+            state = self._parts(layer)[1].__dict__
+            state["_cached_sigma"] = None
+            state["_cached_scales"] = None
 
 
 def spectral_norm_all(critic: nn.Module, n_power_iterations: int = 1, eps: float = 1e-12,

@@ -517,28 +517,13 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
     """
     check_backend("power_iteration_", backend)
     weights, us, vs, n, eps = _check_inputs(weights, us, vs, n_power_iterations, eps)
-    groups: dict[tuple, list[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault((w.device, w.dtype), []).append(i)
     sigmas: list[torch.Tensor | None] = [None] * len(weights)
-    for (device, _), idx in groups.items():
+    for idx, name in _groups(weights, backend):
         ws, u_list, v_list = [weights[i] for i in idx], [us[i] for i in idx], [vs[i] for i in idx]
-        name = resolve("power_iteration_", device, backend)
         if name == "reference":
             values = power_iteration_reference_(ws, u_list, v_list, n, eps)
         else:
-            detached = [w.detach() for w in ws]
-            with torch.no_grad():
-                if compiling():
-                    outs = _power_iteration_op(detached, u_list, v_list, n, eps, name)
-                    raw, new = outs[0], outs[1:]
-                    for t, fresh in zip(u_list + v_list, new):
-                        t.copy_(fresh)
-                    updated = list(new)
-                else:
-                    raw = _kernel_power_iteration(detached, u_list, v_list, n, eps, name)
-                    updated = u_list + v_list
-                    torch.autograd.graph.increment_version(updated)
+            raw, updated = _group_sigmas(ws, u_list, v_list, n, eps, name)
             if compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in ws)
                                                  and not torch.is_inference_mode_enabled()):
                 # one node for the group; u, v snapshotted in one copy (later in-place updates of
@@ -550,6 +535,63 @@ def power_iteration_(weights, us, vs, n_power_iterations: int = 1, eps: float = 
         for i, s in zip(idx, values):
             sigmas[i] = s
     return sigmas
+
+
+def _groups(weights, backend) -> list[tuple[list[int], str]]:
+    """The weights' (device, dtype) groups, in order of first appearance: (indices, backend name)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        groups.setdefault((w.device, w.dtype), []).append(i)
+    return [(idx, resolve("power_iteration_", device, backend)) for (device, _), idx in groups.items()]
+
+
+def _group_sigmas(ws, u_list, v_list, n: int, eps: float, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The kernel of ``name`` on one (device, dtype) group: u, v updated in place (versions
+    bumped); returns the sigmas (1-D, float32 / float64, no graph) and the tensors now holding
+    u then v (the buffers, or under torch.compile the custom op's fresh copies)."""
+    detached = [w.detach() for w in ws]
+    with torch.no_grad():
+        if compiling():
+            outs = _power_iteration_op(detached, u_list, v_list, n, eps, name)
+            raw, new = outs[0], outs[1:]
+            for t, fresh in zip(u_list + v_list, new):
+                t.copy_(fresh)
+            return raw, list(new)
+        raw = _kernel_power_iteration(detached, u_list, v_list, n, eps, name)
+        updated = u_list + v_list
+        torch.autograd.graph.increment_version(updated)
+    return raw, updated
+
+
+def attach_sigmas(raw: torch.Tensor, snapshot: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The sigmas ``raw`` (1-D, one per weight, no graph) as 0-d tensors of the weights' dtype,
+    differentiable w.r.t. the 2-D ``weights`` through ``u v^T`` (``snapshot``: the us then the vs,
+    concatenated, as they were when ``raw`` was computed): one autograd node."""
+    return list(_Sigmas.apply(raw, snapshot, *weights))
+
+
+def power_iteration_values_(weights, us, vs, n_power_iterations: int = 1, eps: float = 1e-12, *,
+                            checked: bool = False) -> list[torch.Tensor]:
+    """``power_iteration_`` without autograd, for callers that attach sigma to W themselves
+    (``spectral_norm_all``'s hook): u, v updated in place as there; returns one 1-D tensor
+    holding sigma_i (float32 / float64 from a kernel, W_i's dtype from the reference), without
+    graph, per weight. ``checked=True``: the caller has run these arguments (the same tensors,
+    shapes and memory) through ``power_iteration_``'s checks before, and they are skipped."""
+    if checked:
+        n, eps = n_power_iterations, eps
+    else:
+        weights, us, vs, n, eps = _check_inputs(weights, us, vs, n_power_iterations, eps)
+    values: list[torch.Tensor | None] = [None] * len(weights)
+    for idx, name in _groups(weights, None):
+        ws, u_list, v_list = [weights[i] for i in idx], [us[i] for i in idx], [vs[i] for i in idx]
+        if name == "reference":
+            with torch.no_grad():
+                raw = torch.stack(power_iteration_reference_(ws, u_list, v_list, n, eps))
+        else:
+            raw, _ = _group_sigmas(ws, u_list, v_list, n, eps, name)
+        for i, s in zip(idx, raw.split(1)):
+            values[i] = s
+    return values
 
 
 # ----------------------------------------------------------------------------- initial u, v
