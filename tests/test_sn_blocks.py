@@ -366,3 +366,47 @@ def test_spectral_norm_all_later_forwards_see_the_current_weights(gen):
         else:
             h = m(h)
     torch.testing.assert_close(critic(x), h)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_spectral_norm_all_16bit_matches_float32(dtype, gen):
+    """In 16-bit types the batched scales carry no ``b sigma`` (the bias is added after the scale,
+    as torch's W / sigma layer does): a 16-bit critic under spectral_norm_all gives the float32
+    twin's output and gradients to 16-bit rounding, over two steps."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(4 * 4 * 4, 1))
+    ours = wk.spectral_norm_all(copy.deepcopy(base).to(dtype))
+    twin = wk.spectral_norm_all(copy.deepcopy(base))
+    x = torch.randn(5, 3, 7, 8, generator=gen)
+    for step in range(2):
+        for m in (ours, twin):
+            m.zero_grad()
+        out, ref = ours(x.to(dtype)), twin(x)
+        torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05, msg=lambda m: f"step {step} output: {m}")
+        out.float().sum().backward()
+        ref.sum().backward()
+        for (name, a), b in zip(ours.named_parameters(), twin.parameters()):
+            scale = b.grad.abs().max().clamp_min(1e-3)
+            torch.testing.assert_close(a.grad.float() / scale, b.grad / scale, rtol=0, atol=0.05,
+                                       msg=lambda m: f"step {step} {name} grad: {m}")
+        with torch.no_grad():
+            for a, b in zip(ours.parameters(), twin.parameters()):
+                a.add_(0.01)
+                b.add_(0.01)
+
+
+def test_spectral_norm_all_checks_buffers_changed_after_a_checked_call():
+    """The hook skips the batched call's checks only for the tensors of the last checked call: a u
+    replaced by one of the wrong length, or set to require grad, is refused as power_iteration_
+    refuses it (ValueError naming it), not written through."""
+    critic = wk.spectral_norm_all(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 1)))
+    x = torch.randn(3, 4)
+    critic(x)
+    with torch.no_grad():
+        critic[0].weight.add_(0.1)
+    critic[0]._u.requires_grad_()
+    with pytest.raises(ValueError, match=r"us\[0\].*require grad"):
+        critic(x)
+    critic[0]._u = torch.randn(5)  # the wrong length for a 6 x 4 weight
+    with pytest.raises(ValueError, match=r"us\[0\]"):
+        critic(x)
