@@ -282,3 +282,25 @@ def test_bad_input_still_named(gen):
         critic.forward_with_input_grad(torch.ones(7, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match="empty"):
         critic.forward_with_input_grad(torch.randn(0, 3))
+
+
+def test_conv_chain_runs_channels_last_on_cpu_and_returns_the_callers_layout():
+    """On CPU the one-node chain runs 2-D convolutions in channels_last (oneDNN is faster there);
+    what it hands back is in the caller's layout: grad_x of an NCHW input is contiguous (user code
+    does grad.view(n, -1)), a channels_last input keeps its layout, and the parameters' gradients
+    are stored in the parameters' layout; the values are the NCHW chain's."""
+    torch.manual_seed(0)
+    critic = wn.Sequential(wn.Conv2d(3, 4, 3, 2, 1), wn.LeakyReLU(0.2), wn.Conv2d(4, 2, 3, 1, 1), wn.ReLU(),
+                           wn.Flatten(), wn.Linear(2 * 4 * 4, 1))
+    x = torch.randn(5, 3, 7, 8, requires_grad=True)
+    out, grad_x = critic.forward_with_input_grad(x)
+    assert grad_x.is_contiguous() and grad_x.view(5, -1).shape == (5, 3 * 7 * 8)
+    (out.sum() + grad_x.square().sum()).backward()
+    assert all(p.grad.is_contiguous() for p in critic.parameters())
+    ref = torch.autograd.grad(critic(x).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(grad_x, ref)
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    out_cl, grad_cl = critic.forward_with_input_grad(x_cl)
+    assert grad_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(grad_cl, grad_x)
+    torch.testing.assert_close(out_cl, out)

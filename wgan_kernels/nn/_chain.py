@@ -91,13 +91,15 @@ class _Tape:
 
 class _Program:
     """The op tree of ``plan``, its number of tape slots, the slots of its affine ops (in the
-    order of the node's parameter inputs) and the constants the other ops were bound to for
-    this forward (``(slot, params)``: a ``MulOp``'s factor; tensors that need no gradient)."""
+    order of the node's parameter inputs), the constants the other ops were bound to for
+    this forward (``(slot, params)``: a ``MulOp``'s factor; tensors that need no gradient) and
+    the affine ops whose products run in channels_last on CPU (2-D convolutions)."""
 
-    __slots__ = ("root", "n_slots", "param_slots", "consts")
+    __slots__ = ("root", "n_slots", "param_slots", "consts", "channels_last")
 
-    def __init__(self, root, n_slots, param_slots, consts=()):
+    def __init__(self, root, n_slots, param_slots, consts=(), channels_last=()):
         self.root, self.n_slots, self.param_slots, self.consts = root, n_slots, param_slots, consts
+        self.channels_last = channels_last  # indices (in param_slots) of the ops that run NHWC on CPU
 
     def tape(self, params=None) -> _Tape:
         tape = _Tape(self.n_slots)
@@ -164,6 +166,13 @@ class _PiecewiseLinearChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, program, x, *params):
         root, slots = program.root, program.param_slots
+        nchw = program.channels_last and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+        if nchw:  # oneDNN's convolutions are faster in NHWC: the whole chain runs in it (the
+            # weights' gradients come back NHWC; autograd stores them in the parameters' layout)
+            x = x.contiguous(memory_format=torch.channels_last)
+            params = list(params)
+            for k in program.channels_last:
+                params[2 * k] = params[2 * k].contiguous(memory_format=torch.channels_last)
         tape = program.tape(params)
         out = root.run(x, tape)
         dz = tape.dz
@@ -172,6 +181,8 @@ class _PiecewiseLinearChain(torch.autograd.Function):
             dz[op.slot] = g
 
         grad_x = root.walk_back(torch.ones_like(out), tape, at_affine)
+        if nchw:
+            grad_x = grad_x.contiguous()  # in the input's layout (user code views it)
         tensors, tensor_slots, others = [], [], []
         for i, s in enumerate(tape.saved):
             if isinstance(s, torch.Tensor):
@@ -293,7 +304,8 @@ def plan_root(root, x: torch.Tensor):
         planner.ops[i].index = k
     params = [p for i in slots for p in planner.ops[i].params]
     consts = tuple((i, op.params) for i, op in enumerate(planner.ops) if not op.has_params and op.params)
-    return _Program(root, len(planner.ops), slots, consts), params
+    channels_last = tuple(k for k, i in enumerate(slots) if planner.ops[i].channels_last)
+    return _Program(root, len(planner.ops), slots, consts, channels_last), params
 
 
 def forward_with_input_grad(program, params, x):
