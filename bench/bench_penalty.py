@@ -13,6 +13,9 @@ Impls per (loss, model):
   plain             a plain forward + backward of the critic on the same 2B samples; the floors
                     of a penalty step are 2x this (double backward's 6 products per layer against
                     a plain step's 3) and 4/3 x this (the explicit path's 4)
+  plain-nhwc        the same with the conv critics' parameters and samples in channels_last (the
+                    layout the explicit chain runs its CPU convolutions in); the floors take the
+                    faster of the two plain steps
 The MLP, DCGAN-64 and custom-module cases are also timed round-robin over all impls
 (test_critic_step_interleaved); their rows use those medians.
 Each impl also records the peak memory of one step (CPU: torch.profiler's allocation timeline;
@@ -40,10 +43,10 @@ MODELS = {
     "dcgan64-custom-b64": (DCGAN64Critic, (64, 3, 64, 64)),
     "resnet32-custom-b64": (ResNet32Critic, (64, 3, 32, 32)),
 }
-CUSTOM_IMPLS = ["eager", "traced", "plain"]  # the impls of the custom-module cases
+CUSTOM_IMPLS = ["eager", "traced", "plain", "plain-nhwc"]  # the impls of the custom-module cases
 if QUICK:
     MODELS = {k: v for k, v in MODELS.items() if k.startswith("mlp")}
-IMPLS = ["eager", "wgan_kernels", "explicit", "explicit+compile", "plain"]
+IMPLS = ["eager", "wgan_kernels", "explicit", "explicit+compile", "plain", "plain-nhwc"]
 
 
 def eager_step(critic, real, fake, loss):
@@ -84,6 +87,12 @@ def build(loss, model, impl):
     elif impl == "plain":
         def fn():
             plain_step(critic, real, fake)
+    elif impl == "plain-nhwc":
+        critic = critic.to(memory_format=torch.channels_last)
+        real_cl, fake_cl = (t.contiguous(memory_format=torch.channels_last) for t in (real, fake))
+
+        def fn():
+            plain_step(critic, real_cl, fake_cl)
     else:
         if from_torch is None:
             pytest.skip("no explicit input-gradient path")
@@ -101,7 +110,8 @@ def build(loss, model, impl):
 
 
 def impls(model):
-    return CUSTOM_IMPLS if "custom" in model else IMPLS
+    names = CUSTOM_IMPLS if "custom" in model else IMPLS
+    return [i for i in names if i != "plain-nhwc" or len(MODELS[model][1]) == 4]  # (conv critics)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["traced"])
