@@ -78,6 +78,14 @@ _KEYS = {  # our name -> torch parametrization's name
 _LEGACY = {"weight": "weight_orig", "_u": "weight_u", "_v": "weight_v"}  # torch.nn.utils.spectral_norm
 
 
+
+
+def _bias_in_kernel(dtype: torch.dtype) -> bool:
+    """Whether an SN block of this dtype passes ``b sigma`` to its layer's kernel (float32/64)
+    rather than adding ``b`` after the scale (16-bit types; see ``_SpectralBlock._scaled``)."""
+    return dtype not in (torch.float16, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- shared state
 
 
@@ -226,7 +234,7 @@ class _SpectralBlock(_SpectralState):
         if self._cached_scales is not None:
             return self._cached_scales
         inv = 1 / self.sigma()
-        if self.bias is None or self.weight.dtype in (torch.float16, torch.bfloat16):
+        if self.bias is None or not _bias_in_kernel(self.weight.dtype):
             return inv, None
         return inv, self.bias / inv
 
@@ -442,6 +450,14 @@ class _Scales(torch.autograd.Function):
         return (None, None, None, *d_weights, *d_biases)
 
 
+def _by_settings(stale) -> dict[tuple, list[int]]:
+    """Layers ``(k, spectral state)`` by their ``(n_power_iterations, eps)``: one batched call each."""
+    groups: dict[tuple, list[int]] = {}
+    for k, sn in stale:
+        groups.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
+    return groups
+
+
 class _OneIterationPerStep:
     """The critic hooks of ``spectral_norm_all``: before each forward in training mode, one batched
     power iteration over every layer whose weight changed since the last one (all of them after an
@@ -494,19 +510,16 @@ class _OneIterationPerStep:
             return self._before_traced(critic)
         parts = self._tensors()
         sigmas: list[tuple | None] = [None] * len(parts)  # this forward's (raw sigma, (u, v) snapshot)
-        if critic.training:
-            by_settings: dict[tuple, list[int]] = {}
-            for k, (w, _, _, sn) in enumerate(parts):
-                if self.seen_versions[k] != (w._version, w.data_ptr()):  # W changed: iterate
-                    by_settings.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
-            for (n, eps), ks in by_settings.items():
+        if critic.training:  # W changed (version or address): iterate
+            stale = [(k, sn) for k, (w, _, _, sn) in enumerate(parts)
+                     if self.seen_versions[k] != (w._version, w.data_ptr())]
+            for (n, eps), ks in _by_settings(stale).items():
                 self._iterate(parts, ks, n, eps, sigmas)
         blocks: dict[tuple, list[int]] = {}
         for k, (w, u, v, sn) in enumerate(parts):
             if sigmas[k] is None:  # frozen: u . W v with the current u, v
-                u, v = u.clone(), v.clone()
                 with torch.no_grad():
-                    sigmas[k] = (torch.vdot(u, torch.mv(sn.to_matrix(w), v)).view(1), (u, v))
+                    sigmas[k] = (sigma_at(sn.to_matrix(w), u, v).view(1), (u.clone(), v.clone()))
             if sn is self.layers[k]:
                 blocks.setdefault((w.device, w.dtype), []).append(k)
             else:
@@ -541,7 +554,7 @@ class _OneIterationPerStep:
         written to the blocks' ``__dict__`` (plain attributes, without Module.__setattr__)."""
         weights = [parts[k][0] for k in ks]
         bias_of = [parts[k][3]._parameters.get("bias") for k in ks]
-        wide = weights[0].dtype not in (torch.float16, torch.bfloat16)
+        wide = _bias_in_kernel(weights[0].dtype)
         biased = tuple(wide and b is not None for b in bias_of)
         held = [sigmas[k] for k in ks]
         outs = _Scales.apply([h[0] for h in held], [h[1] for h in held], biased, *weights,
@@ -559,12 +572,8 @@ class _OneIterationPerStep:
         through ``power_iteration_`` (one graph, no Python-side caches of values)."""
         parts = [self._parts(layer) for layer in self.layers]
         if critic.training:
-            stale = [k for k, (w, _) in enumerate(parts) if w._version != self.seen_versions[k]]
-            by_settings: dict[tuple, list[int]] = {}
-            for k in stale:
-                sn = parts[k][1]
-                by_settings.setdefault((sn.n_power_iterations, sn.eps), []).append(k)
-            for (n, eps), ks in by_settings.items():
+            stale = [(k, sn) for k, (w, sn) in enumerate(parts) if w._version != self.seen_versions[k]]
+            for (n, eps), ks in _by_settings(stale).items():
                 mats = [parts[k][1].to_matrix(parts[k][0]) for k in ks]
                 sigmas = power_iteration_(mats, [parts[k][1]._u for k in ks], [parts[k][1]._v for k in ks], n, eps)
                 for k, sigma in zip(ks, sigmas):

@@ -577,9 +577,8 @@ def power_iteration_values_(weights, us, vs, n_power_iterations: int = 1, eps: f
     holding sigma_i (float32 / float64 from a kernel, W_i's dtype from the reference), without
     graph, per weight. ``checked=True``: the caller has run these arguments (the same tensors,
     shapes and memory) through ``power_iteration_``'s checks before, and they are skipped."""
-    if checked:
-        n, eps = n_power_iterations, eps
-    else:
+    n = n_power_iterations
+    if not checked:
         weights, us, vs, n, eps = _check_inputs(weights, us, vs, n_power_iterations, eps)
     values: list[torch.Tensor | None] = [None] * len(weights)
     for idx, name in _groups(weights, None):
