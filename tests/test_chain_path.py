@@ -9,6 +9,7 @@ parameter gradients, autograd's double backward on the torch module.
 import pytest
 import torch
 from conftest import BothOutputs, tol
+import torch.nn.functional as F
 from torch import nn
 
 import wgan_kernels as wk
@@ -304,3 +305,89 @@ def test_conv_chain_runs_channels_last_on_cpu_and_returns_the_callers_layout():
     assert grad_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(grad_cl, grad_x)
     torch.testing.assert_close(out_cl, out)
+
+
+def _program(critic, x):
+    """The one-node program of a ``wgan_kernels.nn`` critic or a traced torch module on ``x``."""
+    if isinstance(critic, wn.Sequential):
+        return _chain.plan(critic, x)[0]
+    from wgan_kernels.nn.trace import _bind
+
+    program = critic.program(x, (), {})
+    _bind(critic.critic, program, x, (), {})
+    return _chain.plan_root(program.graph_op, x)[0]
+
+
+def _owned(program):
+    """What the program lets each leaf overwrite: [(op class name, sorted kinds)] in slot order."""
+    return [(type(op).__name__, sorted(program.own.get(op.slot, ())))
+            for op in sorted(program.root.leaves(), key=lambda op: op.slot)]
+
+
+def test_hand_over_lets_an_op_overwrite_only_what_is_its_alone():
+    """The chain works in place (fewer fresh buffers: on CPU every buffer of 32 MB or more is
+    fresh pages at each allocation) exactly where nothing else reads the tensor: an activation
+    on an affine op's output (its forward and tangent: "fwd") and on the input gradient of an
+    affine op after it ("grad"), an affine op on the tangent an op before it made ("psi").
+    Never on the chain's input, on a value two ops read (a residual's input), through a reshape
+    or at a graph value that is also summed."""
+    dcgan = wn.from_torch(CRITICS["conv-dcgan"][0]())
+    x = torch.randn(2, 3, 16, 16)
+    assert _owned(_program(dcgan, x)) == [
+        ("Conv2dOp", []), ("LeakyReLUOp", ["fwd", "grad"]), ("Conv2dOp", ["psi"]), ("LeakyReLUOp", ["fwd", "grad"]),
+        ("Conv2dOp", ["psi"]), ("FlattenOp", [])]
+    first = wn.from_torch(CRITICS["mlp-activation-first-and-last"][0]())
+    assert _owned(_program(first, torch.randn(2, 4))) == [
+        ("LeakyReLUOp", ["grad"]), ("LinearOp", ["psi"]), ("ReLUOp", ["fwd"])]
+    resnet = wn.from_torch(CRITICS["resnet"][0]())  # the second block's first ReLU reads the block's input
+    owned = _owned(_program(resnet, torch.randn(2, 3, 8, 8)))
+    assert owned[:8] == [
+        ("Conv2dOp", []), ("ReLUOp", ["fwd", "grad"]), ("Conv2dOp", ["psi"]), ("AvgPool2dOp", []),
+        ("AvgPool2dOp", []), ("Conv2dOp", []), ("ReLUOp", ["grad"]), ("Conv2dOp", ["psi"])]
+
+    class Shared(nn.Module):  # a conv output read by the activation and by a sum
+        def __init__(self):
+            super().__init__()
+            self.conv, self.out = nn.Conv2d(3, 4, 3, 1, 1), nn.Linear(4 * 6 * 6, 1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return self.out((F.leaky_relu(h, 0.2) + h).view(x.shape[0], -1))
+
+    traced = wn.from_torch(Shared())
+    assert [k for _, k in _owned(_program(traced, torch.randn(2, 3, 6, 6)))] == [[], [], [], []]
+
+
+def _step_grads(critic, real, fake, loss):
+    critic.zero_grad(set_to_none=True)
+    x = real.clone().requires_grad_()
+    total, _ = wk.critic_loss(critic, x, fake, penalty=loss, generator=torch.Generator().manual_seed(3))
+    total.backward()
+    return [total.detach(), x.grad] + [p.grad for p in critic.parameters()]
+
+
+@pytest.mark.parametrize("loss", ["div", "gp"])
+@pytest.mark.parametrize("name", ["conv-dcgan", "conv-odd-2out", "conv-then-mlp", "resnet", "resnet-odd-2out",
+                                  "mlp-activation-first-and-last", "custom-dcgan", "custom-resnet"])
+def test_working_in_place_changes_no_value(name, loss, gen, monkeypatch):
+    """The in-place chain gives bit for bit what the chain that allocates every tensor gives: the
+    loss, the input's and every parameter's gradient (the same kernels; a tensor overwritten
+    while something still reads it would change them)."""
+    from wgan_kernels.models import DCGAN64Critic, ResNetCritic
+
+    if name == "custom-dcgan":
+        torch.manual_seed(0)
+        critic, shape = wn.from_torch(DCGAN64Critic(width=4)), (3, 3, 64, 64)
+    elif name == "custom-resnet":
+        torch.manual_seed(0)
+        critic, shape = wn.from_torch(ResNetCritic(channels=3, resolution=32, width=8)), (3, 3, 32, 32)
+    else:
+        critic, shape = make(name, torch.float32)[1:]
+    real, fake = rand(shape, torch.float32, gen), rand(shape, torch.float32, gen) * 1.3
+    in_place = _step_grads(critic, real, fake, loss)
+    assert any(_program(critic, real).own.values())
+    monkeypatch.setattr(_chain._Tape, "owned", lambda self, slot: ())
+    allocating = _step_grads(critic, real, fake, loss)
+    for a, b in zip(in_place, allocating):
+        assert (a is None) == (b is None)
+        assert a is None or torch.equal(a, b)

@@ -62,13 +62,20 @@ from .._backend import chain_path
 # it (``run``, ``walk_back``, ``walk_forward``, ``followed_by_act``) and never looks inside an op.
 
 
-def _bias_grad(grad_out, a=None):
+def _bias_grad(grad_out, a=None, spare=None):
     """``sum_i a_i grad_out_i`` over samples and positions (``a`` None: all ones), as a product
     then a sum, the order autograd's loss chain takes: where the two sides of a WGAN loss cancel
     exactly (a bias whose unit has as many open masks on real as on fake samples), both give 0,
-    not rounding noise that Adam would turn into a full step."""
+    not rounding noise that Adam would turn into a full step. ``spare``: a tensor no longer
+    needed, the product written into it when it is laid out as ``grad_out`` (no fresh buffer)."""
     dims = (0,) + tuple(range(2, grad_out.dim()))
-    return (grad_out if a is None else grad_out * _per_sample(a, grad_out)).sum(dims)
+    if a is None:
+        return grad_out.sum(dims)
+    a_h = _per_sample(a, grad_out)
+    if spare is not None and spare.shape == grad_out.shape and spare.stride() == grad_out.stride() \
+            and spare.dtype == grad_out.dtype:
+        return torch.mul(grad_out, a_h, out=spare).sum(dims)
+    return (grad_out * a_h).sum(dims)
 
 
 def _per_sample(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -79,30 +86,37 @@ def _per_sample(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class _Tape:
     """What the forward keeps, by slot: each op's saved value (an affine op's input, an
     activation's output, a reshape's or pooling's input shape), the gradient at each affine op's
-    output (``dz``) and the parameter values each op reads (``params``)."""
+    output (``dz``), the parameter values each op reads (``params``) and what each op may
+    overwrite (``owned``: see ``explicit_ops.hand_over``)."""
 
-    __slots__ = ("saved", "dz", "params")
+    __slots__ = ("saved", "dz", "params", "own")
 
-    def __init__(self, n_slots: int):
+    def __init__(self, n_slots: int, own=None):
         self.saved = [None] * n_slots
         self.dz = [None] * n_slots
         self.params = [()] * n_slots
+        self.own = own or {}
+
+    def owned(self, slot: int):
+        return self.own.get(slot, ())
 
 
 class _Program:
     """The op tree of ``plan``, its number of tape slots, the slots of its affine ops (in the
     order of the node's parameter inputs), the constants the other ops were bound to for
-    this forward (``(slot, params)``: a ``MulOp``'s factor; tensors that need no gradient) and
-    the affine ops whose products run in channels_last on CPU (2-D convolutions)."""
+    this forward (``(slot, params)``: a ``MulOp``'s factor; tensors that need no gradient),
+    the affine ops whose products run in channels_last on CPU (2-D convolutions) and what each
+    op may overwrite (slot -> kinds, ``explicit_ops.hand_over``)."""
 
-    __slots__ = ("root", "n_slots", "param_slots", "consts", "channels_last")
+    __slots__ = ("root", "n_slots", "param_slots", "consts", "channels_last", "own")
 
-    def __init__(self, root, n_slots, param_slots, consts=(), channels_last=()):
+    def __init__(self, root, n_slots, param_slots, consts=(), channels_last=(), own=None):
         self.root, self.n_slots, self.param_slots, self.consts = root, n_slots, param_slots, consts
         self.channels_last = channels_last  # indices (in param_slots) of the ops that run NHWC on CPU
+        self.own = {slot: frozenset(kinds) for slot, kinds in (own or {}).items()}
 
     def tape(self, params=None) -> _Tape:
-        tape = _Tape(self.n_slots)
+        tape = _Tape(self.n_slots, self.own)
         if params is not None:
             for i, slot in enumerate(self.param_slots):
                 tape.params[slot] = (params[2 * i], params[2 * i + 1])
@@ -225,17 +239,18 @@ class _PiecewiseLinearChain(torch.autograd.Function):
         d_w: list[torch.Tensor | None] = [None] * n
         d_b: list[torch.Tensor | None] = [None] * n
 
-        def weight_grads(op, psi):  # at affine op's input: the penalty chain's value psi
+        def weight_grads(op, psi, owned):  # at affine op's input: the penalty chain's value psi
             k = op.index
             inp, dz = tape.saved[op.slot], tape.dz[op.slot]
-            u = psi
-            if fused:
-                a_h = _per_sample(a, inp)
-                u = inp * a_h if psi is None else torch.addcmul(psi, inp, a_h)
-                if ctx.has_bias[k]:
-                    d_b[k] = _bias_grad(dz, a)
-            if u is not None:
-                d_w[k] = op.weight_grad(tape.params[op.slot], u, dz)
+            if not fused:
+                if psi is not None:
+                    d_w[k] = op.weight_grad(tape.params[op.slot], psi, dz)
+                return
+            a_h = _per_sample(a, inp)
+            u = inp * a_h if psi is None else psi.addcmul_(inp, a_h) if owned else torch.addcmul(psi, inp, a_h)
+            d_w[k] = op.weight_grad(tape.params[op.slot], u, dz)
+            if ctx.has_bias[k]:  # (u is the chain's own here, and no longer needed)
+                d_b[k] = _bias_grad(dz, a, spare=u)
 
         def loss_grads(op, e):  # several outputs per sample: the loss chain's gradient e
             k = op.index
@@ -268,12 +283,13 @@ class _PiecewiseLinearChain(torch.autograd.Function):
 
 
 class _Planner:
-    """What ``Op.plan`` reads and fills: the input, and the leaf ops by tape slot (walk order)."""
+    """What ``Op.plan`` reads and fills: the input, the leaf ops by tape slot (walk order) and
+    what each may overwrite (``explicit_ops.hand_over``)."""
 
-    __slots__ = ("x", "ops")
+    __slots__ = ("x", "ops", "own")
 
     def __init__(self, x):
-        self.x, self.ops = x, []
+        self.x, self.ops, self.own = x, [], {}
 
 
 def plan(seq, x: torch.Tensor):
@@ -305,7 +321,7 @@ def plan_root(root, x: torch.Tensor):
     params = [p for i in slots for p in planner.ops[i].params]
     consts = tuple((i, op.params) for i, op in enumerate(planner.ops) if not op.has_params and op.params)
     channels_last = tuple(k for k, i in enumerate(slots) if planner.ops[i].channels_last)
-    return _Program(root, len(planner.ops), slots, consts, channels_last), params
+    return _Program(root, len(planner.ops), slots, consts, channels_last, planner.own), params
 
 
 def forward_with_input_grad(program, params, x):

@@ -86,6 +86,11 @@ class Op:
     has_params = False
     channels_last = False  # the one-node chain on CPU runs this op's products in channels_last
     linear = False
+    # What the one-node chain may overwrite instead of allocating (``hand_over``): whether the
+    # op's forward output (``fresh_out``), its input gradient and tangent (``fresh_grads``) are
+    # new tensors that only the next op reads; whether the op can work in place on an input it
+    # is handed (``in_place``: the piecewise-linear activations)
+    fresh_out = fresh_grads = in_place = False
     params: tuple = ()
     slot = -1  # its index in the one-node chain's tape (set by ``plan``)
     index = -1  # ops with parameters: their rank among them (the chain's parameter inputs)
@@ -150,9 +155,14 @@ class Op:
 
     def walk_forward(self, psi, tape, at_affine):
         """The penalty chain: ``psi`` through the masked linear maps (None stays None);
-        ``at_affine(op, psi)`` at every affine op's input."""
+        ``at_affine(op, psi, owned)`` at every affine op's input, ``owned`` when ``psi`` is the
+        op's alone (its tangent is taken first: ``at_affine`` may then overwrite it)."""
         if self.has_params:
-            at_affine(self, psi)
+            if psi is not None and "psi" in tape.owned(self.slot):
+                out = self.tangent(tape.params[self.slot], tape.saved[self.slot], psi)
+                at_affine(self, psi, True)
+                return out
+            at_affine(self, psi, False)
         return None if psi is None else self.tangent(tape.params[self.slot], tape.saved[self.slot], psi)
 
     def followed_by_act(self, after: bool, out: dict) -> bool:
@@ -167,6 +177,26 @@ class Op:
         yield self
 
 
+def hand_over(planner, producer: Op, consumer: Op) -> None:
+    """Records, for the one-node chain, what may be overwritten on the edge ``producer ->
+    consumer`` of two leaf ops where the producer's output is read by the consumer alone: the
+    consumer's forward input and tangent (``"fwd"``) when the producer makes them new (an affine
+    op), the consumer's tangent input at an affine op (``"psi"``, overwritten by the loss chain's
+    ``a * h + psi`` once the tangent is taken) and the producer's input gradient (``"grad"``)
+    when the consumer's is new. Fewer fresh buffers: on CPU, buffers of 32 MB and more are fresh
+    pages from the kernel at every allocation (8192 page faults each)."""
+    if producer.slot < 0 or consumer.slot < 0 or type(producer).leaves is not Op.leaves \
+            or type(consumer).leaves is not Op.leaves:
+        return
+    own = planner.own
+    if consumer.in_place and producer.fresh_out and producer.fresh_grads:
+        own.setdefault(consumer.slot, set()).add("fwd")
+    if consumer.has_params and consumer.fresh_grads and producer.fresh_grads:
+        own.setdefault(consumer.slot, set()).add("psi")
+    if producer.in_place and consumer.fresh_grads:
+        own.setdefault(producer.slot, set()).add("grad")
+
+
 # ----------------------------------------------------------------------------------------------
 # Affine ops: params = (weight, bias); bias may be None
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +207,7 @@ class LinearOp(Op):
 
     torch_type = nn.Linear
     piecewise_linear = has_params = True
+    fresh_out = fresh_grads = True
 
     def __init__(self, weight, bias):
         self.params = (weight, bias)
@@ -230,6 +261,7 @@ class _ConvOp(Op):
 
     nd = 2
     piecewise_linear = has_params = True
+    fresh_out = fresh_grads = True
 
     @property
     def channels_last(self) -> bool:
@@ -304,11 +336,42 @@ Conv1dOp, Conv2dOp, Conv3dOp = _per_dims(_ConvOp, (nn.Conv1d, nn.Conv2d, nn.Conv
 # Activations. Piecewise-linear ones save their output (the mask is read off its sign) or, on
 # CUDA's layer-by-layer path, a 1-byte mask; smooth ones save x (or y) and multiply by the
 # analytic derivative, itself differentiable so the penalty reaches earlier parameters.
-# The forward never works in place (it must keep what it saves).
+# The layer-by-layer forward never works in place; the one-node chain does where the input is
+# the op's alone (``hand_over``): an activation saves its output, not its input.
 # ----------------------------------------------------------------------------------------------
 
 
-class LeakyReLUOp(Op):
+class _DiagonalOp(Op):
+    """A piecewise-linear activation whose derivative is a diagonal read off its output: on an
+    input it is handed (``explicit_ops.hand_over``) the one-node chain runs it in place, and its
+    vjp (= its tangent) into the gradient it is handed; the same aten kernels, the same values."""
+
+    fresh_grads = in_place = True  # (its vjp writes a new tensor, or one it owns)
+
+    def _forward_into(self, h):
+        raise NotImplementedError
+
+    def _vjp_into(self, g, saved):
+        raise NotImplementedError
+
+    def run(self, h, tape):
+        if "fwd" not in tape.owned(self.slot):
+            return super().run(h, tape)
+        y = tape.saved[self.slot] = self._forward_into(h)
+        return y
+
+    def walk_back(self, g, tape, at_affine):
+        if "grad" not in tape.owned(self.slot):
+            return super().walk_back(g, tape, at_affine)
+        return self._vjp_into(g, tape.saved[self.slot])
+
+    def walk_forward(self, psi, tape, at_affine):
+        if psi is None or "fwd" not in tape.owned(self.slot):
+            return super().walk_forward(psi, tape, at_affine)
+        return self._vjp_into(psi, tape.saved[self.slot])
+
+
+class LeakyReLUOp(_DiagonalOp):
     """y = x if x > 0 else slope * x; dx = dy where x > 0, slope * dy elsewhere (for a slope >= 0
     read off y; the tangent is the same diagonal map)."""
 
@@ -342,6 +405,14 @@ class LeakyReLUOp(Op):
         return torch.ops.aten.leaky_relu_backward(g, saved, self.slope, self.slope >= 0)
 
     tangent = vjp  # a diagonal map: its own adjoint (same arguments: p, saved, psi)
+
+    def _forward_into(self, h):  # (a slope >= 0 on the chain: y is what it saves)
+        return F.leaky_relu_(h, self.slope) if self.slope else F.relu_(h)
+
+    def _vjp_into(self, g, saved):
+        if self.slope == 0.0:
+            return torch.ops.aten.threshold_backward.grad_input(g, saved, 0, grad_input=g)
+        return torch.ops.aten.leaky_relu_backward.grad_input(g, saved, self.slope, True, grad_input=g)
 
     def chain_dim(self, dim, x):
         return dim
@@ -480,7 +551,7 @@ class GELUOp(Op):
         return torch.ops.aten.gelu_backward(g, x, approximate=self.approximate)
 
 
-class HardtanhOp(Op):
+class HardtanhOp(_DiagonalOp):
     """y = clamp(x, min_val, max_val); dx = dy where min_val < x < max_val, 0 elsewhere (read off
     y by aten's ``hardtanh_backward``). Piecewise-linear: its tangent is the same diagonal map,
     so it takes the one-node chain too."""
@@ -504,6 +575,12 @@ class HardtanhOp(Op):
 
     tangent = vjp  # a diagonal map: its own adjoint (same arguments: p, saved, psi)
 
+    def _forward_into(self, h):
+        return F.hardtanh_(h, self.min_val, self.max_val)
+
+    def _vjp_into(self, g, saved):
+        return torch.ops.aten.hardtanh_backward.grad_input(g, saved, self.min_val, self.max_val, grad_input=g)
+
     def chain_dim(self, dim, x):
         return dim
 
@@ -518,7 +595,8 @@ class AvgPool2dOp(Op):
     """``avg_pool2d``; its adjoint is aten's ``avg_pool2d_backward``: a plain op (linear in dy,
     its own derivative defined, lowered by inductor), exact for every option (padding,
     ``ceil_mode``, ``count_include_pad``, ``divisor_override``). It needs only the input's shape:
-    it gets a stand-in of that shape."""
+    it gets a stand-in of that shape, uninitialised and laid out as ``g`` (aten makes an
+    expanded one contiguous: a copy of the input's size; an empty one it reads nothing of)."""
 
     torch_type = nn.AvgPool2d
     piecewise_linear = linear = True
@@ -535,7 +613,10 @@ class AvgPool2dOp(Op):
         return F.avg_pool2d(x, *self.args), x.shape
 
     def vjp(self, p, shape, g, first_order=False):
-        return torch.ops.aten.avg_pool2d_backward(g, g.new_empty((1,) * len(shape)).expand(shape), *self.args)
+        nhwc = g.dim() == 4 and not g.is_contiguous() and g.is_contiguous(memory_format=torch.channels_last)
+        stand_in = torch.empty(shape, dtype=g.dtype, device=g.device,
+                               memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        return torch.ops.aten.avg_pool2d_backward(g, stand_in, *self.args)
 
     def tangent(self, p, shape, psi):
         return F.avg_pool2d(psi, *self.args)
@@ -998,6 +1079,8 @@ class SequentialOp(Op):
             dim = op.plan(planner, dim)
             if dim is None:
                 return None
+        for producer, consumer in zip(self.ops, self.ops[1:]):
+            hand_over(planner, producer, consumer)
         return dim
 
     def run(self, h, tape):

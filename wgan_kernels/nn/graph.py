@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .explicit_ops import Op
+from .explicit_ops import Op, hand_over
 
 
 class Const:
@@ -174,7 +174,23 @@ class GraphOp(Op):
             if d is None:
                 return None
             dims.append(d)
+        self._hand_over(planner)
         return dims[self.output]
+
+    def _hand_over(self, planner):
+        """``hand_over`` on every edge between two ``Apply`` nodes whose value has no other use."""
+        uses = [0] * (len(self.nodes) + 1)
+        uses[self.output] += 1
+        for node in self.nodes:
+            args = (node.arg,) if isinstance(node, Apply) else node.args if isinstance(node, Add) else node.parts
+            for q in args:
+                if isinstance(q, int):
+                    uses[q] += 1
+        for node in self.nodes:
+            if isinstance(node, Apply) and node.arg > 0 and uses[node.arg] == 1:
+                producer = self.nodes[node.arg - 1]
+                if isinstance(producer, Apply):
+                    hand_over(planner, producer.op, node.op)
 
     def run(self, h, tape):
         values = [h]
