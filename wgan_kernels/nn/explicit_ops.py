@@ -184,9 +184,9 @@ def hand_over(planner, producer: Op, consumer: Op) -> None:
     op), the consumer's tangent input at an affine op (``"psi"``, overwritten by the loss chain's
     ``a * h + psi`` once the tangent is taken) and the producer's input gradient (``"grad"``)
     when the consumer's is new. Fewer fresh buffers: on CPU, buffers of 32 MB and more are fresh
-    pages from the kernel at every allocation (8192 page faults each)."""
-    if producer.slot < 0 or consumer.slot < 0 or type(producer).leaves is not Op.leaves \
-            or type(consumer).leaves is not Op.leaves:
+    pages from the kernel at every allocation (8192 page faults each). Composites (no slot of
+    their own) are skipped: what their ends read or make is their children's business."""
+    if producer.slot < 0 or consumer.slot < 0:
         return
     own = planner.own
     if consumer.in_place and producer.fresh_out and producer.fresh_grads:

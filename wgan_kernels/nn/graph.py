@@ -89,6 +89,22 @@ class GraphOp(Op):
 
     def __init__(self, nodes, output: int):
         self.nodes, self.output = list(nodes), output
+        self._edges = self._single_use_edges()  # (the nodes never change: found once, not per plan)
+
+    def _single_use_edges(self) -> list[tuple[Op, Op]]:
+        """``(producer, consumer)`` ops of the ``Apply`` nodes whose value only the consumer reads
+        (what ``hand_over`` may let the chain overwrite)."""
+        uses = [0] * (len(self.nodes) + 1)
+        uses[self.output] += 1
+        for node in self.nodes:
+            args = (node.arg,) if isinstance(node, Apply) else (node.a, node.b) if isinstance(node, Prod) \
+                else node.args if isinstance(node, Add) else node.parts
+            for q in args:
+                if isinstance(q, int):
+                    uses[q] += 1
+        return [(self.nodes[node.arg - 1].op, node.op) for node in self.nodes
+                if isinstance(node, Apply) and node.arg > 0 and uses[node.arg] == 1
+                and isinstance(self.nodes[node.arg - 1], Apply)]
 
     # ---- layer by layer (forward + vjp), differentiable twice
 
@@ -174,23 +190,9 @@ class GraphOp(Op):
             if d is None:
                 return None
             dims.append(d)
-        self._hand_over(planner)
+        for producer, consumer in self._edges:
+            hand_over(planner, producer, consumer)
         return dims[self.output]
-
-    def _hand_over(self, planner):
-        """``hand_over`` on every edge between two ``Apply`` nodes whose value has no other use."""
-        uses = [0] * (len(self.nodes) + 1)
-        uses[self.output] += 1
-        for node in self.nodes:
-            args = (node.arg,) if isinstance(node, Apply) else node.args if isinstance(node, Add) else node.parts
-            for q in args:
-                if isinstance(q, int):
-                    uses[q] += 1
-        for node in self.nodes:
-            if isinstance(node, Apply) and node.arg > 0 and uses[node.arg] == 1:
-                producer = self.nodes[node.arg - 1]
-                if isinstance(producer, Apply):
-                    hand_over(planner, producer.op, node.op)
 
     def run(self, h, tape):
         values = [h]

@@ -78,8 +78,6 @@ _KEYS = {  # our name -> torch parametrization's name
 _LEGACY = {"weight": "weight_orig", "_u": "weight_u", "_v": "weight_v"}  # torch.nn.utils.spectral_norm
 
 
-
-
 def _bias_in_kernel(dtype: torch.dtype) -> bool:
     """Whether an SN block of this dtype passes ``b sigma`` to its layer's kernel (float32/64)
     rather than adding ``b`` after the scale (16-bit types; see ``_SpectralBlock._scaled``)."""
