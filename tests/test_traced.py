@@ -360,3 +360,138 @@ def test_a_replaced_layer_is_used():
     out, grad_x = traced.forward_with_input_grad(x)
     out_r, grad_x_r = double_backward(module, rc, x, (), {})
     torch.testing.assert_close(grad_x, grad_x_r)
+
+
+def _one_image_input(rc) -> bool:
+    args, kwargs = rc.inputs(2, torch.float32)
+    return rc.explicit and len(args) == 1 and not kwargs and rc.output_key is None and args[0].dim() == 4
+
+
+IMAGE_CRITICS = [c.name for c in CRITICS if _one_image_input(c)]
+# those whose penalty runs the one-node chain's convolutions in channels_last and whose forward
+# reads no layout (the others: layer-by-layer normalisation critics, a view of a multi-channel map)
+LOSS_NHWC = {"pytorch_gan_wgan_div_bn_eval", "pytorch_gan_dropout2d_train_no_bn", "sngan_resnet32",
+             "sngan_cnn_parametrized_sn", "progan_equalized_lr"}
+
+
+def _gp_twice(module, real, fake, monkeypatch):
+    """critic_loss(module, ...) with WGAN-GP twice (fresh gradients each time) against autograd's
+    double backward on a copy from the same random state; returns, per call, whether the module's
+    own forward (the loss forward) got channels_last samples at its first convolution."""
+    reference = copy.deepcopy(module)
+    conv2d, seen = F.conv2d, []
+
+    def spy(inp, *args, **kwargs):  # the module's Conv2d.forward calls F.conv2d (the chain holds its own)
+        if isinstance(inp, torch.fx.Proxy):  # tracing: fx records the function itself
+            return conv2d(inp, *args, **kwargs)
+        seen.append(not inp.is_contiguous() and inp.is_contiguous(memory_format=torch.channels_last))
+        return conv2d(inp, *args, **kwargs)
+
+    firsts = []
+    for call in range(2):
+        module.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        seen.clear()
+        with monkeypatch.context() as m:
+            m.setattr(F, "conv2d", spy)
+            torch.manual_seed(call)
+            loss, stats = wk.critic_loss(module, real, fake, penalty="gp",
+                                         generator=torch.Generator().manual_seed(call))
+        firsts.append(seen[-1] if seen else None)
+        torch.manual_seed(call)
+        loss_r, stats_r = wk.critic_loss(lambda v: reference(v), real, fake, penalty="gp",
+                                         generator=torch.Generator().manual_seed(call))
+        torch.testing.assert_close(loss, loss_r, **tol(torch.float32))
+        torch.testing.assert_close(stats["grad_norm"], stats_r["grad_norm"], **tol(torch.float32))
+        loss.backward()
+        loss_r.backward()
+        for (name, p), q in zip(module.named_parameters(), reference.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if q.grad is not None:
+                scale = q.grad.abs().max().clamp_min(1e-3)
+                torch.testing.assert_close(p.grad / scale, q.grad / scale, rtol=0, atol=1e-4, msg=name)
+    return firsts
+
+
+@pytest.mark.parametrize("name", IMAGE_CRITICS)
+def test_loss_forward_in_channels_last_changes_nothing(name, monkeypatch):
+    """WGAN-GP's loss forward (critic(cat(real, fake)), apart from the penalty's) runs on
+    channels_last samples from the second call on (the first call's penalty tells whether the
+    chain runs its convolutions in that layout) where the forward reads no layout; the loss, the
+    stats and every parameter gradient stay those of autograd's double backward, dropout masks
+    included."""
+    rc, module, x, _, _ = build(name, torch.float32, batch=6)
+    firsts = _gp_twice(module, x[:3], x[3:], monkeypatch)
+    from wgan_kernels.nn.trace import loss_channels_last
+
+    assert loss_channels_last(module, x) == (name in LOSS_NHWC)
+    assert firsts == [False, name in LOSS_NHWC] or (firsts == [None, None] and name not in LOSS_NHWC)
+
+
+class _ViewCritic(nn.Module):
+    """The DCGAN critic of many repositories: conv features, then ``view`` (or ``flatten``) and a
+    Linear score."""
+
+    def __init__(self, flatten: bool):
+        super().__init__()
+        self.flatten = flatten
+        self.c1, self.c2 = nn.Conv2d(3, 8, 4, 2, 1), nn.Conv2d(8, 16, 4, 2, 1)
+        self.fc = nn.Linear(16 * 2 * 2, 1)
+
+    def forward(self, img):
+        h = F.leaky_relu(self.c2(F.leaky_relu(self.c1(img), 0.2)), 0.2)
+        return self.fc(h.flatten(1) if self.flatten else h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_a_view_of_a_feature_map_keeps_the_loss_forward_contiguous(flatten, monkeypatch):
+    """``h.view(n, -1)`` of a multi-channel map fails on a channels_last tensor: such a critic's
+    loss forward keeps the caller's layout (and runs); with ``flatten`` it takes channels_last."""
+    torch.manual_seed(0)
+    module = _ViewCritic(flatten)
+    x = torch.randn(6, 3, 8, 8)
+    assert _gp_twice(module, x[:3], x[3:], monkeypatch) == [False, flatten]
+    assert traced_critic(module).program(x, (), {}).layout_free == flatten
+
+
+def test_random_draws_per_element_keep_the_loss_forward_contiguous():
+    """Dropout's mask is drawn in memory order: on channels_last samples the same seed would give
+    another mask, so a critic with training-mode Dropout (a module or F.dropout) or RReLU keeps the
+    layout; Dropout2d (a draw per channel) and eval mode do not matter."""
+    from wgan_kernels.nn.trace import _layout_free, _probe
+
+    def layout_free(module):
+        graph = traced_critic(module)._graph
+        x = torch.randn(2, 3, 8, 8)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        seen = _probe(module, graph, {placeholders[0].target: x})
+        return _layout_free(graph, set(graph.nodes), seen, dict(module.named_modules()))
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return F.dropout(self.c(x), 0.3, self.training).flatten(1).sum(1)
+
+    for drop, free in ((nn.Dropout(0.3), False), (nn.Dropout2d(0.3), True), (nn.RReLU(), False)):
+        module = nn.Sequential(nn.Conv2d(3, 4, 3), drop, nn.Flatten(), nn.Linear(4 * 6 * 6, 1))
+        assert layout_free(module) == free, drop
+        module.eval()
+        assert layout_free(module), drop
+    assert not layout_free(Functional())
+    seq = wn.Sequential(wn.Conv2d(3, 4, 3), wn.Dropout(0.3), wn.LeakyReLU(0.2), wn.Flatten(), wn.Linear(4 * 6 * 6, 1))
+    x = torch.randn(2, 3, 8, 8)
+    assert not seq.channels_last_for(x) and seq.eval().channels_last_for(x)
+
+
+def test_the_first_gp_step_of_an_eval_batchnorm_critic_backpropagates():
+    """Regression: WGAN-GP's loss forward runs before the penalty's, whose first call builds the
+    program (a probe forward, buffers restored after it). The restore bumped the version of the
+    running statistics the eval-mode batch norm of the loss forward had saved, and backward
+    raised "modified by an inplace operation"; the restore is now invisible to autograd."""
+    rc, module, x, _, _ = build("pytorch_gan_wgan_div_bn_eval", torch.float32, batch=6)
+    loss, _ = wk.critic_loss(module, x[:3], x[3:], penalty="gp", generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters())

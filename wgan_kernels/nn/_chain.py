@@ -180,7 +180,7 @@ class _PiecewiseLinearChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, program, x, *params):
         root, slots = program.root, program.param_slots
-        nchw = program.channels_last and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+        nchw = runs_nhwc(program, x)
         if nchw:  # oneDNN's convolutions are faster in NHWC: the whole chain runs in it (the
             # weights' gradients come back NHWC; autograd stores them in the parameters' layout)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -322,6 +322,12 @@ def plan_root(root, x: torch.Tensor):
     consts = tuple((i, op.params) for i, op in enumerate(planner.ops) if not op.has_params and op.params)
     channels_last = tuple(k for k, i in enumerate(slots) if planner.ops[i].channels_last)
     return _Program(root, len(planner.ops), slots, consts, channels_last, planner.own), params
+
+
+def runs_nhwc(program, x: torch.Tensor) -> bool:
+    """Whether the chain runs ``program`` on ``x`` in channels_last: CPU, a contiguous 4-D input
+    and 2-D convolutions among its ops (it converts the input and those weights)."""
+    return bool(program.channels_last) and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
 
 
 def forward_with_input_grad(program, params, x):

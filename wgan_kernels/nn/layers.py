@@ -32,6 +32,11 @@ from .explicit_ops import OPS, Mask, check_matches_weight
 _check_matches_weight = check_matches_weight  # the name spectral.py and older code import
 
 
+# modules whose training-mode forward draws random numbers per element, in memory order: on a
+# channels_last input the same seed gives other values (per-channel draws, Dropout2d's, do not)
+LAYOUT_MODULES = (nn.Dropout, nn.AlphaDropout, nn.RReLU)
+
+
 class InputGradModule(nn.Module):
     """Base of the blocks: ``forward_with_input_grad`` on top of the block's op (``op_type``).
 
@@ -53,6 +58,13 @@ class InputGradModule(nn.Module):
             raise ValueError(f"hook: expected an object with before(module, args) and after(module, args, output) "
                              f"methods, got {type(hook).__name__}")
         self._input_grad_hooks = [*self._input_grad_hooks, hook]
+
+    def channels_last_for(self, x: torch.Tensor) -> bool:
+        """Whether ``forward_with_input_grad(x)`` runs its convolutions in channels_last (the
+        one-node chain on CPU) and ``forward`` gives the same values on ``x`` in channels_last:
+        then ``critic_loss`` hands its loss forward the samples in that layout (oneDNN's CPU
+        convolutions are faster in it). False here; see ``Sequential``."""
+        return False
 
     def _op(self) -> _ops.Op | None:
         """The op describing this block on the one-node chain (its parameters shared), or None
@@ -214,6 +226,15 @@ class Sequential(InputGradModule, nn.Sequential):
             if chain is not None:
                 return _chain.forward_with_input_grad(*chain, x)
         return super().forward_with_input_grad(x)
+
+    def channels_last_for(self, x: torch.Tensor) -> bool:
+        # (the blocks' forwards read no strides: Flatten flattens, it does not view)
+        if self._input_grad_hooks or x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+            return False
+        if any(isinstance(m, LAYOUT_MODULES) and m.training for m in self.modules()):
+            return False  # (per-element random draws fill in memory order)
+        chain = _chain.plan(self, x)
+        return chain is not None and _chain.runs_nhwc(chain[0], x)
 
     def _forward_saving(self, x):
         layers, saved, i = list(self), [], 0

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from . import _chain
 from . import explicit_ops as _ops
 from .graph import Add, Apply, Cat, Const, GraphOp, Prod
-from .layers import InputGradModule, check_input
+from .layers import LAYOUT_MODULES, InputGradModule, check_input
 from .spectral import SN_BLOCKS
 
 
@@ -281,10 +281,52 @@ class _Program:
     """The ops of one input signature: the ``GraphOp``, the fx nodes to evaluate before each
     forward (``consts``), and for each op with parameters its binder."""
 
-    def __init__(self, graph_op, placeholders, consts, binders, holders, dep, shapes, dtypes):
+    def __init__(self, graph_op, placeholders, consts, binders, holders, dep, shapes, dtypes, layout_free=False):
         self.graph_op, self.placeholders, self.consts = graph_op, placeholders, consts
         self.binders, self.holders = binders, holders
         self.dep, self.shapes, self.dtypes = dep, shapes, dtypes
+        self.layout_free = layout_free  # the module's forward reads no strides of its activations
+        self.chain_nhwc = False  # its last explicit forward ran the one-node chain in channels_last
+
+
+# what gives other results on a channels_last value than on a contiguous one with the same values:
+# tensor methods reading the layout, and random draws per element (they fill in memory order: the
+# same seed gives other dropout masks; per-channel draws such as Dropout2d's do not)
+_LAYOUT_METHODS = frozenset({"stride", "is_contiguous", "data_ptr", "as_strided", "storage", "untyped_storage",
+                             "bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
+                             "geometric_", "cauchy_", "log_normal_"})
+_LAYOUT_FUNCTIONS = frozenset({F.dropout, F.alpha_dropout, torch.dropout, torch.alpha_dropout, torch.rand_like,
+                               torch.randn_like, torch.randint_like, torch.bernoulli, torch.normal, F.rrelu})
+
+
+def _layout_free(graph: fx.Graph, dep, seen, modules) -> bool:
+    """Whether the forward gives the same values, and runs, on a channels_last input: nothing of
+    ``_LAYOUT_METHODS`` / ``_LAYOUT_FUNCTIONS`` / ``LAYOUT_MODULES`` (in training mode) on the
+    input's path, and no ``view`` of a value with more than one non-unit dimension after the
+    batch's (a view needs strides its flattening can follow: of a channels_last
+    ``(N, C, H, W)`` activation, only when ``C`` or ``H W`` is 1)."""
+    for node in graph.nodes:
+        if node not in dep:
+            continue
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            if isinstance(m, LAYOUT_MODULES) and m.training:
+                return False
+            continue
+        if node.op not in ("call_method", "call_function"):
+            continue
+        if node.op == "call_function" and node.target in _LAYOUT_FUNCTIONS:
+            return False
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+        if node.op == "call_method" and name in _LAYOUT_METHODS:
+            return False
+        if name in ("view", "view_as") and (node.op == "call_method" or node.target is torch.Tensor.view):
+            value = seen.get(node.args[0]) if node.args else None
+            if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], tuple)):
+                return False
+            if sum(d != 1 for d in value[0][1:]) > 1:
+                return False
+    return True
 
 
 def _probe(critic: nn.Module, graph: fx.Graph, inputs: dict):
@@ -308,7 +350,10 @@ def _probe(critic: nn.Module, graph: fx.Graph, inputs: dict):
     finally:
         with torch.no_grad():
             for b, saved in buffers:
-                b.copy_(saved)
+                # through .data: the restore is no change to autograd (a loss forward that ran just
+                # before, e.g. an eval-mode batch norm's, saved these buffers for its backward)
+                if not torch.equal(b, saved):
+                    b.data.copy_(saved)
     return seen
 
 
@@ -426,7 +471,8 @@ def _build(critic: nn.Module, graph: fx.Graph, inputs: dict, output) -> _Program
             needed.add(node)
             stack.extend(a for a in node.all_input_nodes if a not in dep)
     consts = [node for node in graph.nodes if node in needed and node.op not in ("placeholder", "output")]
-    return _Program(GraphOp(nodes, index[result]), placeholders, consts, binders, holders, dep, shapes, dtypes)
+    return _Program(GraphOp(nodes, index[result]), placeholders, consts, binders, holders, dep, shapes, dtypes,
+                    _layout_free(graph, dep, seen, modules))
 
 
 def _dims(dim, rank):
@@ -688,12 +734,23 @@ class TracedCritic(InputGradModule):
         return tuple((id(m), m.training, bool(m._forward_hooks or m._forward_pre_hooks))
                      for m in self.critic.modules())
 
+    def _key(self, x, args, kwargs):
+        return (self._modes(), x.shape[1:], x.dtype, x.device, len(args), tuple(sorted(kwargs)),
+                tuple((a.shape[1:], a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in args))
+
+    def channels_last_for(self, x: torch.Tensor) -> bool:
+        """``InputGradModule.channels_last_for``: known from this signature's last explicit
+        forward (its program is never built here: the first call answers False)."""
+        if self._trace_error is not None or x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+            return False
+        program = self._programs.get(self._key(x, (), {}))
+        return isinstance(program, _Program) and program.layout_free and program.chain_nhwc
+
     def program(self, x, args, kwargs) -> _Program:
         """The program for this input signature (built on first use; ``Unsupported`` if none)."""
         if self._trace_error is not None:
             raise Unsupported(self._trace_error)
-        key = (self._modes(), x.shape[1:], x.dtype, x.device, len(args), tuple(sorted(kwargs)),
-               tuple((a.shape[1:], a.dtype) if isinstance(a, torch.Tensor) else type(a) for a in args))
+        key = self._key(x, args, kwargs)
         program = self._programs.get(key)
         if program is None:
             placeholders = [p for p in self._graph.nodes if p.op == "placeholder"]
@@ -718,6 +775,7 @@ class TracedCritic(InputGradModule):
             _bind(critic, program, x, args, kwargs)
             root = program.graph_op
             chain = _chain.plan_root(root, x)
+            program.chain_nhwc = chain is not None and _chain.runs_nhwc(chain[0], x)
             if chain is not None:
                 return _chain.forward_with_input_grad(*chain, x)
             out, saved = root.forward((), x)
@@ -786,6 +844,17 @@ def _bind(critic, program: _Program, x, args, kwargs) -> None:
 
 
 _TRACED: weakref.WeakKeyDictionary[nn.Module, TracedCritic] = weakref.WeakKeyDictionary()
+
+
+def loss_channels_last(critic, x: torch.Tensor) -> bool:
+    """Whether ``critic_loss`` runs its loss forward ``critic(x)`` on ``x`` in channels_last: the
+    critic's explicit path runs its convolutions in that layout (``channels_last_for``), a
+    wgan_kernels.nn critic or a torch module already traced (a wrapper, DDP or a compiled module
+    is left as it is)."""
+    if isinstance(critic, InputGradModule):
+        return critic.channels_last_for(x)
+    traced = _TRACED.get(critic) if isinstance(critic, nn.Module) else None
+    return traced is not None and traced.channels_last_for(x)
 
 
 def traced_critic(module: nn.Module) -> TracedCritic:
