@@ -337,6 +337,14 @@ def test_gp_loss_forward_takes_channels_last_samples_on_cpu():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
     mlp = wn.from_torch(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 1)))
     assert not mlp.channels_last_for(real) and critic.channels_last_for(real)
+    # one channel (MNIST): contiguous(memory_format=channels_last) keeps NCHW strides there, which
+    # a convolution with NCHW weights runs in NCHW; the samples get channels_last strides
+    gray = wn.from_torch(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 4, 2, 1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                             torch.nn.Linear(4 * 4 * 4, 1)))
+    strides = []
+    gray[0].register_forward_pre_hook(lambda m, args: strides.append(args[0].stride()))
+    wk.critic_loss(gray, torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), penalty="gp")
+    assert strides == [(64, 1, 8, 1)]
 
 def _program(critic, x):
     """The one-node program of a ``wgan_kernels.nn`` critic or a traced torch module on ``x``."""

@@ -624,9 +624,10 @@ def _loss_layout(critic, both):
     DCGAN-64 WGAN-GP critic step, 2 CPU threads: 756 -> 685 ms, interleaved)."""
     if both.dim() != 4 or both.device.type != "cpu" or not both.is_contiguous():
         return both
-    from .nn.trace import loss_channels_last  # noqa: PLC0415 - the layer below, imported on first use
+    from .nn._chain import to_nhwc  # noqa: PLC0415 - the layer below, imported on first use
+    from .nn.trace import loss_channels_last  # noqa: PLC0415
 
-    return both.contiguous(memory_format=torch.channels_last) if loss_channels_last(critic, both) else both
+    return to_nhwc(both) if loss_channels_last(critic, both) else both
 
 
 def _loss_and_stats(out, b, pen, norms, adversarial="wasserstein"):

@@ -330,5 +330,14 @@ def runs_nhwc(program, x: torch.Tensor) -> bool:
     return bool(program.channels_last) and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
 
 
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (4-D) with channels_last strides, also with one channel, where
+    ``contiguous(memory_format=channels_last)`` returns the NCHW tensor as it is (contiguous in
+    both layouts) and a convolution with NCHW weights then runs in NCHW."""
+    if x.stride(1) == 1 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
 def forward_with_input_grad(program, params, x):
     return _PiecewiseLinearChain.apply(program, x, *params)

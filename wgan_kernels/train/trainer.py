@@ -27,6 +27,8 @@ from .. import ClippedRMSprop, critic_loss
 from ..eager import critic_loss_eager
 from ..models import DCGANCritic, ResNetCritic, ResNetGenerator, dcgan_generator, mlp_critic, mlp_generator
 from ..nn.spectral import SN_LAYERS, spectral_norm_all
+from ..nn._chain import to_nhwc
+from ..nn.trace import loss_channels_last
 from . import checkpoint as ckpt_io
 from . import datasets as ds
 from .checkpoint import CheckpointError, RunFolder
@@ -66,6 +68,7 @@ class Trainer:
         self.G, self.D = self._models()
         self._g_couples = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.G.modules())
         self.critic = self.D  # what the critic loss runs (the explicit path on the fused backend)
+        self._nhwc_generator_step = cfg.backend == "fused"
         if cfg.loss == "sngan":
             self._apply_spectral_norm()
         elif cfg.backend == "fused" and cfg.loss in PENALTY_PRESET:
@@ -192,7 +195,11 @@ class Trainer:
         for p in frozen:
             p.requires_grad_(False)
         try:
-            loss = -self.D(self._fake(self._noise(self.batch))).mean()
+            fake = self._fake(self._noise(self.batch))
+            if self._nhwc_generator_step and loss_channels_last(self.critic, fake):
+                # (the critic's convolutions in the layout its fused critic step runs them in)
+                fake = to_nhwc(fake)
+            loss = -self.D(fake).mean()
         finally:
             for p in frozen:
                 p.requires_grad_(True)
