@@ -608,26 +608,15 @@ def critic_loss(critic, real, fake, *, penalty: str | None = "div", weight=None,
         grad_x = grad_x if (use_real and use_fake) else (grad_x[:b] if use_real else grad_x[b:])
         pen, norms = _penalty(grad_x, cfg, backend, reduction)
     else:
-        out = critic(_loss_layout(critic, both))
+        from .nn.trace import in_loss_layout  # noqa: PLC0415 - the layer below, imported on first use
+
+        out = critic(in_loss_layout(critic, both))
         _check_output(out, 2 * b)
         if apply:
             x = _sample(real, fake, cfg.sampling, generator)
             _, grad_x = input_gradient(critic, x, scaler=scaler)
             pen, norms = _penalty(grad_x, cfg, backend, reduction)
     return _loss_and_stats(out, b, pen, norms, loss)
-
-
-def _loss_layout(critic, both):
-    """``both`` in channels_last where the critic's penalty runs the explicit chain's CPU
-    convolutions in it (``nn.trace.loss_channels_last``): the loss forward, a plain forward and
-    backward of 2B samples, then runs in the layout oneDNN is faster in too (measured on the
-    DCGAN-64 WGAN-GP critic step, 2 CPU threads: 756 -> 685 ms, interleaved)."""
-    if both.dim() != 4 or both.device.type != "cpu" or not both.is_contiguous():
-        return both
-    from .nn._chain import to_nhwc  # noqa: PLC0415 - the layer below, imported on first use
-    from .nn.trace import loss_channels_last  # noqa: PLC0415
-
-    return to_nhwc(both) if loss_channels_last(critic, both) else both
 
 
 def _loss_and_stats(out, b, pen, norms, adversarial="wasserstein"):

@@ -327,10 +327,15 @@ def plan_root(root, x: torch.Tensor):
     return _Program(root, len(planner.ops), slots, consts, channels_last, planner.own), params
 
 
+def nhwc_input(x: torch.Tensor) -> bool:
+    """Whether ``x`` is what the chain converts to channels_last: a contiguous 4-D CPU tensor."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+
+
 def runs_nhwc(program, x: torch.Tensor) -> bool:
-    """Whether the chain runs ``program`` on ``x`` in channels_last: CPU, a contiguous 4-D input
-    and 2-D convolutions among its ops (it converts the input and those weights)."""
-    return bool(program.channels_last) and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+    """Whether the chain runs ``program`` on ``x`` in channels_last: ``nhwc_input(x)`` and 2-D
+    convolutions among its ops (it converts the input and those weights)."""
+    return bool(program.channels_last) and nhwc_input(x)
 
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:

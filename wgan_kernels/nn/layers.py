@@ -229,7 +229,7 @@ class Sequential(InputGradModule, nn.Sequential):
 
     def channels_last_for(self, x: torch.Tensor) -> bool:
         # (the blocks' forwards read no strides: Flatten flattens, it does not view)
-        if self._input_grad_hooks or x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous():
+        if self._input_grad_hooks or not _chain.nhwc_input(x):
             return False
         if any(isinstance(m, LAYOUT_MODULES) and m.training for m in self.modules()):
             return False  # (per-element random draws fill in memory order)

@@ -27,8 +27,7 @@ from .. import ClippedRMSprop, critic_loss
 from ..eager import critic_loss_eager
 from ..models import DCGANCritic, ResNetCritic, ResNetGenerator, dcgan_generator, mlp_critic, mlp_generator
 from ..nn.spectral import SN_LAYERS, spectral_norm_all
-from ..nn._chain import to_nhwc
-from ..nn.trace import loss_channels_last
+from ..nn.trace import in_loss_layout
 from . import checkpoint as ckpt_io
 from . import datasets as ds
 from .checkpoint import CheckpointError, RunFolder
@@ -196,9 +195,8 @@ class Trainer:
             p.requires_grad_(False)
         try:
             fake = self._fake(self._noise(self.batch))
-            if self._nhwc_generator_step and loss_channels_last(self.critic, fake):
-                # (the critic's convolutions in the layout its fused critic step runs them in)
-                fake = to_nhwc(fake)
+            if self._nhwc_generator_step:  # (the layout of the critic's convolutions in its critic step)
+                fake = in_loss_layout(self.critic, fake)
             loss = -self.D(fake).mean()
         finally:
             for p in frozen:
